@@ -1,0 +1,273 @@
+"""Side-by-side backend benchmark: throughput, per-batch latency, peak memory.
+
+Each backend runs in its own spawned process (so its peak RSS is its own and a
+crash or leak stays contained), and the parent drives them in interleaved
+rounds, one at a time: A, B, A, B, ... On a shared, noisy machine a slow
+minute then hurts every backend alike, which is what makes the speed-up
+ratios meaningful even when absolute numbers wander.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchResult:
+    backend: str
+    model: str
+    precision: str
+    batch_size: int
+    num_faces: int
+    throughput_fps: float
+    latency_ms_p50: float
+    latency_ms_p99: float
+    peak_mem_mb: float
+    speedup: float
+    device: str = "cpu"
+    synthetic: bool = False
+    requested_backend: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    backend: str
+    model: str
+    batch_size: int
+    precision: str | None = None
+    device: str | None = None
+    config_path: str | None = None
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _device_memory_mb(info: dict) -> float | None:
+    runtime = info.get("runtime") or {}
+    value = runtime.get("device_memory_mb")
+    return float(value) if value is not None else None
+
+
+def _worker(spec: BenchSpec, conn) -> None:
+    """Child process: start the engine, then run batches whenever the parent asks."""
+    try:
+        from .config import load_config
+        from .factory import get_engine
+        from .sample_faces import jittered_faces
+
+        cfg = load_config(spec.config_path) if spec.config_path else None
+        engine = get_engine(
+            spec.backend,
+            spec.model,
+            batch_size=spec.batch_size,
+            max_batch_size=max(spec.batch_size, 1),
+            precision=spec.precision,
+            device=spec.device,
+            config=cfg,
+        )
+        faces = jittered_faces(max(spec.batch_size, 7), seed=123).faces[: spec.batch_size]
+        info = engine.info.to_dict()
+        conn.send(("ready", info))
+    except BaseException as exc:  # report, never hang the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.close()
+        return
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            conn.send(("peak", _peak_rss_mb(), _device_memory_mb(info)))
+            conn.close()
+            return
+        _, batches = msg
+        latencies = []
+        try:
+            for _ in range(batches):
+                started = time.perf_counter()
+                engine.encode(faces)
+                latencies.append(time.perf_counter() - started)
+        except BaseException as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            conn.close()
+            return
+        conn.send(("latencies", latencies))
+
+
+class _Runner:
+    def __init__(self, spec: BenchSpec, ctx) -> None:
+        self.spec = spec
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(spec, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.info: dict[str, Any] = {}
+        self.latencies: list[float] = []
+        self.error: str | None = None
+
+    def _recv(self, timeout: float):
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"benchmark worker for {self.spec.backend} did not answer in {timeout:.0f}s")
+        return self.conn.recv()
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            msg = self._recv(timeout)
+        except (TimeoutError, EOFError) as exc:
+            self.error = str(exc) or "worker exited"
+            return
+        if msg[0] == "error":
+            self.error = msg[1]
+        else:
+            self.info = msg[1]
+
+    def run(self, batches: int, timeout: float) -> None:
+        if self.error:
+            return
+        self.conn.send(("run", batches))
+        try:
+            msg = self._recv(timeout)
+        except (TimeoutError, EOFError) as exc:
+            self.error = str(exc) or "worker exited"
+            return
+        if msg[0] == "error":
+            self.error = msg[1]
+        else:
+            self.latencies.extend(msg[1])
+
+    def stop(self) -> tuple[float, float | None]:
+        peak, device_mb = float("nan"), None
+        if not self.error:
+            try:
+                self.conn.send(("stop",))
+                _, peak, device_mb = self._recv(60)
+            except (TimeoutError, EOFError, OSError):
+                pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+        return peak, device_mb
+
+
+def run_benchmark(
+    backends: list[str],
+    model: str,
+    batch_size: int = 32,
+    num_faces: int = 256,
+    warmup_batches: int = 2,
+    rounds: int = 4,
+    precision: str | None = None,
+    device: str | None = None,
+    config_path: str | None = None,
+    specs: list[BenchSpec] | None = None,
+    timeout_s: float = 900.0,
+    progress: bool = False,
+) -> list[BenchResult]:
+    """Benchmark ``backends`` on ``model``; the first one is the speed-up baseline.
+
+    ``specs`` overrides ``backends`` for mixed configurations (per-backend
+    precision or batch size), as the report command uses.
+    """
+    if batch_size < 1 or num_faces < 1:
+        raise ValueError(f"batch_size and num_faces must be >= 1, got {batch_size}, {num_faces}")
+    specs = specs or [
+        BenchSpec(b, model, batch_size, precision, device, config_path) for b in backends
+    ]
+    ctx = mp.get_context("spawn")
+    runners = [_Runner(spec, ctx) for spec in specs]
+    for runner in runners:  # start one at a time would be slower; they only load
+        runner.wait_ready(timeout_s)
+    total_batches = max(1, -(-num_faces // batch_size))
+    rounds = max(1, min(rounds, total_batches))
+    per_round = [total_batches // rounds + (1 if i < total_batches % rounds else 0) for i in range(rounds)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(runners) * (total_batches + warmup_batches), desc="bench", unit="batch")
+    for runner in runners:
+        if warmup_batches:
+            runner.run(warmup_batches, timeout_s)
+            runner.latencies.clear()
+            if bar:
+                bar.update(warmup_batches)
+    for n in per_round:
+        for runner in runners:
+            runner.run(n, timeout_s)
+            if bar:
+                bar.update(n)
+    if bar:
+        bar.close()
+    results = []
+    for runner in runners:
+        peak, device_mb = runner.stop()
+        spec = runner.spec
+        lat = np.asarray(runner.latencies, dtype=np.float64)
+        ok = runner.error is None and lat.size > 0
+        info = runner.info
+        results.append(
+            BenchResult(
+                backend=info.get("backend", spec.backend),
+                requested_backend=spec.backend,
+                model=info.get("model_id", spec.model),
+                precision=info.get("precision", spec.precision or "?"),
+                batch_size=spec.batch_size,
+                num_faces=int(lat.size * spec.batch_size),
+                throughput_fps=float(lat.size * spec.batch_size / lat.sum()) if ok else 0.0,
+                latency_ms_p50=float(np.percentile(lat, 50) * 1e3) if ok else float("nan"),
+                latency_ms_p99=float(np.percentile(lat, 99) * 1e3) if ok else float("nan"),
+                peak_mem_mb=device_mb if device_mb is not None else peak,
+                speedup=0.0,
+                device=info.get("device", spec.device or "?"),
+                synthetic=bool(info.get("synthetic", False)),
+                error=runner.error,
+            )
+        )
+    base = results[0].throughput_fps if results else 0.0
+    for r in results:
+        r.speedup = float(r.throughput_fps / base) if base > 0 else 0.0
+    return results
+
+
+def machine_info() -> dict[str, Any]:
+    from .hardware import cpu_summary, cuda_device_count
+
+    return {
+        "cpu": cpu_summary(),
+        "cuda_devices": cuda_device_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def format_table(results: list[BenchResult]) -> str:
+    header = (
+        f"{'backend':<12} {'precision':<9} {'batch':>5} {'faces/s':>9} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'peak MB':>8} {'speedup':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.requested_backend:<12} ERROR: {r.error}")
+            continue
+        lines.append(
+            f"{r.backend:<12} {r.precision:<9} {r.batch_size:>5} {r.throughput_fps:>9.1f} "
+            f"{r.latency_ms_p50:>8.1f} {r.latency_ms_p99:>8.1f} {r.peak_mem_mb:>8.0f} "
+            f"{r.speedup:>6.2f}x"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""One exception family for the whole engine package.
+
+Shells (Serve, Data, CLI) translate these into status codes and exit codes in one
+place each, so every subclass carries a message that already says what was
+expected, what was found and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error raised on purpose by ``engines``."""
+
+
+class BackendUnavailable(EngineError):
+    """The backend cannot start on this host (missing package, no device, no engine).
+
+    The fallback chain treats this as "try the next backend"; the message ends
+    up in ``EngineInfo.fallback`` so operators see why a backend was skipped.
+    """
+
+
+class ModelResolutionError(EngineError):
+    """A model reference could not be turned into a local ONNX file."""
+
+
+class ConfigError(EngineError):
+    """A configuration file or override is malformed (unknown key, bad value)."""
+
+
+class DriftGateError(EngineError):
+    """A backend's embeddings drifted from the reference beyond the allowed bound."""
+
+
+class EngineBuildError(EngineError):
+    """Building or loading a serialized engine (TensorRT plan) failed."""
+
+
+def missing_extra(package: str, extra: str, purpose: str) -> BackendUnavailable:
+    """Build the standard "install the extra" error for a lazily imported runtime."""
+    return BackendUnavailable(
+        f"{purpose} needs the Python package '{package}', which is not installed; "
+        f"install it with: pip install 'arcface-ray[{extra}]'"
+    )

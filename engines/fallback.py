@@ -1,0 +1,111 @@
+"""An ordered chain of backends: the first that starts (and passes the drift gate) serves.
+
+A backend that cannot start on this host (no GPU, no TensorRT, no engine and
+no build allowed, a missing package) yields to the next one; with the startup
+drift gate on, so does a backend whose embeddings drift from the reference.
+The report of what was tried and why it was skipped travels in
+``EngineInfo.fallback``, so ``/v1/info`` and ``arcface info`` say which
+backend runs and why the others do not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .base import BaseEngine
+from .drift import DriftReport
+from .errors import BackendUnavailable, EngineError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Attempt:
+    backend: str
+    status: str  # selected | unavailable | drift_refused | failed
+    reason: str | None = None
+    seconds: float = 0.0
+    drift: dict[str, Any] | None = None
+
+
+@dataclass
+class FallbackReport:
+    requested: str
+    chain: list[str]
+    selected: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "chain": self.chain,
+            "selected": self.selected,
+            "attempts": [asdict(a) for a in self.attempts],
+        }
+
+    def failure_message(self) -> str:
+        lines = [f"no backend could start (chain {self.chain}):"]
+        lines += [f"  - {a.backend}: {a.status}: {a.reason}" for a in self.attempts]
+        return "\n".join(lines)
+
+
+class ChainExhausted(BackendUnavailable):
+    """Every backend of the chain failed to start or was refused by the drift gate."""
+
+    def __init__(self, report: FallbackReport) -> None:
+        super().__init__(report.failure_message())
+        self.report = report
+
+
+def start_chain(
+    requested: str,
+    chain: Sequence[str],
+    make_engine: Callable[[str], BaseEngine],
+    drift_gate: Callable[[BaseEngine], DriftReport | None] | None = None,
+) -> tuple[BaseEngine, FallbackReport]:
+    """Start the first backend of ``chain`` that works.
+
+    ``make_engine(name)`` builds (not starts) a backend; ``drift_gate(engine)``
+    returns a gated ``DriftReport`` or ``None`` when no check applies.
+    Expected failures (``EngineError``, ``ImportError``, ``OSError``,
+    ``RuntimeError``) move on to the next backend; programming errors propagate.
+    """
+    report = FallbackReport(requested=requested, chain=list(chain))
+    for name in chain:
+        started = time.perf_counter()
+        engine: BaseEngine | None = None
+        try:
+            engine = make_engine(name)
+            engine.ensure_ready()
+        except (EngineError, ImportError, OSError, RuntimeError) as exc:
+            status = "unavailable" if isinstance(exc, EngineError) else "failed"
+            reason = f"{type(exc).__name__}: {exc}"
+            report.attempts.append(Attempt(name, status, reason, time.perf_counter() - started))
+            logger.warning("backend %s %s, trying the next one: %s", name, status, exc)
+            if engine is not None:
+                engine.close()
+            continue
+        if drift_gate is not None:
+            drift = drift_gate(engine)
+            if drift is not None and not drift.passed:
+                reason = f"drift gate refused it: {drift.summary()}"
+                report.attempts.append(
+                    Attempt(name, "drift_refused", reason, time.perf_counter() - started, drift.to_dict())
+                )
+                logger.warning("backend %s %s", name, reason)
+                engine.close()
+                continue
+            drift_dict = drift.to_dict() if drift is not None else None
+        else:
+            drift_dict = None
+        report.attempts.append(
+            Attempt(name, "selected", None, time.perf_counter() - started, drift_dict)
+        )
+        report.selected = name
+        logger.info("serving with backend %s (chain %s)", name, list(chain))
+        return engine, report
+    raise ChainExhausted(report)

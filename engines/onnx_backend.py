@@ -1,0 +1,185 @@
+"""ONNX Runtime backend: CPU everywhere, CUDA / TensorRT execution providers on GPU hosts.
+
+Providers are taken from config in order (TensorRT EP, CUDA EP, CPU) and
+filtered to what this onnxruntime build offers; asking for a GPU device when
+the build has no GPU provider is an error that lists what is available. On
+CUDA, I/O binding keeps the output on the device until one copy back, instead
+of ORT's implicit per-run allocations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import numpy as np
+
+from .base import BaseEngine, EngineOptions
+from .errors import BackendUnavailable, missing_extra
+from .hardware import device_index
+from .models import ResolvedModel
+from .registry import register
+
+logger = logging.getLogger(__name__)
+
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def onnxruntime_build() -> dict[str, Any]:
+    """Which onnxruntime distribution is importable and which providers it offers.
+
+    ``onnxruntime`` and ``onnxruntime-gpu`` both install the ``onnxruntime``
+    module; whichever was installed last wins. This tells which one did.
+    """
+    import importlib.metadata as md
+
+    import onnxruntime as ort
+
+    dists = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            dists[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    providers = ort.get_available_providers()
+    return {
+        "version": ort.__version__,
+        "distributions": dists,
+        "gpu_build": any(p in providers for p in GPU_PROVIDERS),
+        "available_providers": providers,
+    }
+
+
+def select_providers(
+    device: str, wanted: tuple[str, ...], available: list[str], provider_options: dict[str, dict]
+) -> tuple[list[str], list[dict]]:
+    """Ordered providers (and their options) for ``device`` from the configured list."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"], [{}]
+    gpu_wanted = [p for p in wanted if p in GPU_PROVIDERS]
+    usable = [p for p in gpu_wanted if p in available]
+    if not usable:
+        raise BackendUnavailable(
+            f"onnx backend on {device}: requested provider(s) {gpu_wanted or list(GPU_PROVIDERS)} "
+            f"unavailable; available: {available}. Install the GPU build: "
+            "pip install 'arcface-ray[gpu]' (see README 'GPU install')"
+        )
+    names = [*usable, "CPUExecutionProvider"]
+    options = []
+    for name in names:
+        opts = dict(provider_options.get(name, {}))
+        if name in GPU_PROVIDERS:
+            opts.setdefault("device_id", device_index(device))
+        options.append(opts)
+    return names, options
+
+
+@register("onnx")
+class OnnxEngine(BaseEngine):
+    """ONNX Runtime session over the resolved ONNX graph (fp32, or a converted fp16/int8 graph)."""
+
+    def __init__(self, model: ResolvedModel, options: EngineOptions) -> None:
+        super().__init__(model, options)
+        self._session = None
+        self._io_binding = False
+
+    @classmethod
+    def availability(cls) -> str | None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "the 'onnxruntime' package is not installed"
+        return None
+
+    @property
+    def precision(self) -> str:
+        return self.model.precision
+
+    def _session_options(self):
+        import onnxruntime as ort
+
+        extra = self.options.extra
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(extra.get("intra_op_num_threads", 0))
+        so.inter_op_num_threads = int(extra.get("inter_op_num_threads", 0))
+        level = extra.get("graph_optimization_level", "all")
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level])
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        if not extra.get("allow_spinning", True):
+            # Spinning intra-op threads burn the cores that Ray's decode tasks need.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return so
+
+    def _start(self) -> None:
+        if self.availability():
+            raise missing_extra("onnxruntime", "gpu", "the onnx backend")
+        wanted_precision = self.options.precision
+        if wanted_precision not in ("auto", self.model.precision):
+            raise BackendUnavailable(
+                f"onnx backend runs the graph it is given; {self.model.model_id} is "
+                f"{self.model.precision} but precision {wanted_precision} was requested "
+                f"(convert it first: arcface models convert {self.model.ref} --precision "
+                f"{wanted_precision})"
+            )
+        import onnxruntime as ort
+
+        extra = self.options.extra
+        providers, provider_options = select_providers(
+            self.options.device,
+            tuple(extra.get("providers", ("CPUExecutionProvider",))),
+            ort.get_available_providers(),
+            extra.get("provider_options", {}),
+        )
+        try:
+            self._session = ort.InferenceSession(
+                self.model.path,
+                sess_options=self._session_options(),
+                providers=providers,
+                provider_options=provider_options,
+            )
+        except Exception as exc:
+            raise BackendUnavailable(f"onnxruntime cannot load {self.model.path}: {exc}") from exc
+        active = self._session.get_providers()
+        if self.options.device != "cpu" and not any(p in active for p in GPU_PROVIDERS):
+            raise BackendUnavailable(
+                f"onnx backend asked for {self.options.device} with {providers} but the session "
+                f"runs on {active}"
+            )
+        self._io_binding = bool(extra.get("io_binding", True)) and "CUDAExecutionProvider" in active
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BackendUnavailable(
+                f"{self.model.path}: expected one input and one output, got "
+                f"{[i.name for i in inputs]} -> {[o.name for o in outputs]}"
+            )
+        self._input, self._output = inputs[0].name, outputs[0].name
+        dim = outputs[0].shape[-1]
+        self._embedding_dim = int(dim) if isinstance(dim, int) else None
+        warm = self._run(np.zeros((1, 3, 112, 112), np.float32))
+        self._embedding_dim = int(warm.shape[-1])
+
+    def _run(self, blob: np.ndarray) -> np.ndarray:
+        session = self._session
+        if self._io_binding:
+            binding = session.io_binding()
+            binding.bind_cpu_input(self._input, blob)
+            binding.bind_output(self._output, "cuda", device_index(self.options.device))
+            session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        return session.run([self._output], {self._input: blob})[0]
+
+    def _runtime_info(self) -> dict[str, Any]:
+        info = onnxruntime_build()
+        info["active_providers"] = self._session.get_providers() if self._session else []
+        info["io_binding"] = self._io_binding
+        return {"onnxruntime": info}
+
+    def close(self) -> None:
+        self._session = None
+        super().close()

@@ -1,0 +1,49 @@
+"""Shared fixtures. Environment for Ray is set here, before anything imports it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np
+import pytest
+
+from engines.models import ResolvedModel, resolve_model
+from engines.sample_faces import FaceSet, jittered_faces
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly where there is no CUDA device or no GPU extra."""
+    from engines.hardware import has_cuda
+
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mbf_model() -> ResolvedModel:
+    return resolve_model("synthetic:mobilefacenet")
+
+
+@pytest.fixture(scope="session")
+def r50_model() -> ResolvedModel:
+    return resolve_model("synthetic:iresnet50")
+
+
+@pytest.fixture(scope="session")
+def face_set() -> FaceSet:
+    return jittered_faces(21, seed=5)
+
+
+@pytest.fixture(scope="session")
+def faces(face_set: FaceSet) -> np.ndarray:
+    return face_set.faces
