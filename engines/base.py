@@ -165,6 +165,12 @@ class BaseEngine(ABC):
     def precision(self) -> str:
         return self.options.precision
 
+    @property
+    def cache_dir(self) -> str | None:
+        """The configured local cache (models, converted graphs, engines)."""
+        cfg = self.options.extra.get("config")
+        return cfg.storage.cache_dir if cfg is not None else None
+
     # -- the contract ---------------------------------------------------------------
     @property
     def normalization(self) -> Normalization:

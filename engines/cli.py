@@ -92,6 +92,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     model = resolve_model(args.ref, cache_dir=cfg.storage.cache_dir,
                           endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    if args.models_cmd == "convert":
+        from .precision import convert_model
+
+        model = convert_model(model, args.precision, cache_dir=cfg.storage.cache_dir,
+                              calibration_size=args.calibration_size)
     out = model.to_dict()
     if args.json:
         emit_json(out)
@@ -115,6 +120,13 @@ def _parser_models(sub) -> None:
         mp_.add_argument("ref", help="synthetic:<arch>, a path, s3://..., or a pack name")
         _add_common(mp_, model=False)
         mp_.add_argument("--json", action="store_true")
+    cp = msub.add_parser("convert", help="write an fp16 or int8 (Q/DQ) graph of a model")
+    cp.add_argument("ref", help="an fp32 model reference")
+    cp.add_argument("--precision", required=True, choices=["fp16", "int8"])
+    cp.add_argument("--calibration-size", type=positive_int, default=64,
+                    help="jittered real faces used to calibrate int8 (default 64)")
+    _add_common(cp, model=False)
+    cp.add_argument("--json", action="store_true")
 
 
 _PARSERS.append(_parser_models)

@@ -19,6 +19,7 @@ from .base import BaseEngine, EngineOptions
 from .errors import BackendUnavailable, missing_extra
 from .hardware import device_index
 from .models import ResolvedModel
+from .precision import CONVERTIBLE, convert_model
 from .registry import register
 
 logger = logging.getLogger(__name__)
@@ -119,14 +120,14 @@ class OnnxEngine(BaseEngine):
     def _start(self) -> None:
         if self.availability():
             raise missing_extra("onnxruntime", "gpu", "the onnx backend")
-        wanted_precision = self.options.precision
-        if wanted_precision not in ("auto", self.model.precision):
-            raise BackendUnavailable(
-                f"onnx backend runs the graph it is given; {self.model.model_id} is "
-                f"{self.model.precision} but precision {wanted_precision} was requested "
-                f"(convert it first: arcface models convert {self.model.ref} --precision "
-                f"{wanted_precision})"
-            )
+        wanted = self.options.precision
+        if wanted not in ("auto", self.model.precision):
+            if wanted not in CONVERTIBLE or self.model.precision != "fp32":
+                raise BackendUnavailable(
+                    f"onnx backend cannot run {self.model.model_id} ({self.model.precision}) in "
+                    f"{wanted}; it runs fp32 graphs and their {list(CONVERTIBLE)} conversions"
+                )
+            self.model = convert_model(self.model, wanted, cache_dir=self.cache_dir)
         import onnxruntime as ort
 
         extra = self.options.extra
