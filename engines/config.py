@@ -335,3 +335,9 @@ def load_config(
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-dict view (for ``/v1/info`` and logs)."""
     return dataclasses.asdict(cfg)
+
+
+def build_typed(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping with the same checks as the config files
+    (unknown keys, types, choices, bounds). For other typed settings, e.g. Serve app args."""
+    return _build(cls, data, where)

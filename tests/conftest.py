@@ -12,6 +12,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np
 import pytest
+from support import free_port
 
 from engines.models import ResolvedModel, resolve_model
 from engines.sample_faces import FaceSet, jittered_faces
@@ -27,6 +28,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session: 2 CPUs, no dashboard, small object store.
+
+    Yields the Prometheus metrics port of the node (metrics flushed every second).
+    """
+    import ray
+
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 << 20,
+        namespace="arcface-tests",
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+        log_to_driver=False,
+    )
+    yield metrics_port
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

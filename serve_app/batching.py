@@ -1,0 +1,113 @@
+"""Face-counted batching arithmetic and live batch statistics (no Ray in here).
+
+``@serve.batch`` only runs inside a real replica, so everything it needs that
+can be tested without one lives here: how a request is cut into chunks that
+fit a batch, how a batch of chunks becomes one engine call and back, and the
+statistics ``/v1/info`` reports.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engines.base import EmbeddingEngine
+
+
+@dataclass
+class BatchItem:
+    """One chunk of one request waiting in the batch queue."""
+
+    faces: np.ndarray
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+def count_faces(items: list) -> int:
+    """``batch_size_fn`` for ``@serve.batch``: a batch is measured in faces.
+
+    Must never raise (an exception here kills Serve's batching task, ray #66140),
+    so anything unexpected counts as one face.
+    """
+    total = 0
+    for item in items:
+        faces = getattr(item, "faces", None)
+        shape = getattr(faces, "shape", None)
+        total += int(shape[0]) if shape else 1
+    return total
+
+
+def split_request(faces: np.ndarray, max_batch: int) -> list[np.ndarray]:
+    """Cut a request into chunks of at most ``max_batch`` faces.
+
+    Serve rejects an item larger than ``max_batch_size``; chunks of one request
+    are queued together and usually land in consecutive batches.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return [faces[i : i + max_batch] for i in range(0, len(faces), max_batch)] or [faces]
+
+
+def run_batch(engine: EmbeddingEngine, items: list[BatchItem]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One engine call for all chunks of a batch; results split back per chunk."""
+    sizes = [len(item.faces) for item in items]
+    faces = items[0].faces if len(items) == 1 else np.concatenate([item.faces for item in items])
+    embeddings, norms = engine.encode_with_norms(faces)
+    out, start = [], 0
+    for size in sizes:
+        out.append((embeddings[start : start + size], norms[start : start + size]))
+        start += size
+    return out
+
+
+class BatchStats:
+    """Rolling statistics of the batches one replica ran (thread-safe)."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+    def __init__(self, window: int = 1000) -> None:
+        self._lock = threading.Lock()
+        self._recent: deque[tuple[int, int, float, float]] = deque(maxlen=window)
+        self.batches = 0
+        self.faces = 0
+        self.requests = 0
+        self.histogram = [0] * (len(self.BUCKETS) + 1)
+
+    def record(self, faces: int, chunks: int, wait_s: float, encode_s: float) -> None:
+        with self._lock:
+            self.batches += 1
+            self.faces += faces
+            self.requests += chunks
+            self._recent.append((faces, chunks, wait_s, encode_s))
+            idx = next((i for i, b in enumerate(self.BUCKETS) if faces <= b), len(self.BUCKETS))
+            self.histogram[idx] += 1
+
+    def summary(self) -> dict:
+        with self._lock:
+            recent = list(self._recent)
+            hist = {f"<={b}": c for b, c in zip(self.BUCKETS, self.histogram, strict=False)}
+            hist[f">{self.BUCKETS[-1]}"] = self.histogram[-1]
+            out = {
+                "batches": self.batches,
+                "faces": self.faces,
+                "chunks": self.requests,
+                "mean_batch_faces": self.faces / self.batches if self.batches else 0.0,
+                "faces_per_batch_histogram": hist,
+            }
+        if recent:
+            faces = np.array([r[0] for r in recent], float)
+            chunks = np.array([r[1] for r in recent], float)
+            waits = np.array([r[2] for r in recent]) * 1e3
+            encodes = np.array([r[3] for r in recent]) * 1e3
+            out["recent"] = {
+                "batches": len(recent),
+                "mean_batch_faces": float(faces.mean()),
+                "max_batch_faces": int(faces.max()),
+                "mean_chunks_per_batch": float(chunks.mean()),
+                "queue_wait_ms_p50": float(np.percentile(waits, 50)),
+                "encode_ms_p50": float(np.percentile(encodes, 50)),
+            }
+        return out

@@ -1,0 +1,249 @@
+"""Request decoding and response encoding, shared by the HTTP and gRPC paths.
+
+No Ray and no web framework in here: every function takes bytes or plain
+Python objects and returns aligned ``(N, 112, 112, 3)`` uint8 crops, or raises
+``RequestError`` carrying the HTTP status, a short machine-readable reason
+(also the ``reason`` tag of the rejected-requests metric) and a message that
+says what was wrong with which item.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from engines.align import norm_crop
+from engines.preprocess import FACE_SIZE
+
+RAW_CROP_BYTES = FACE_SIZE * FACE_SIZE * 3
+NPY_MEDIA_TYPE = "application/x-npy"
+
+
+class RequestError(Exception):
+    """A client error: ``status`` (4xx), ``reason`` (metric tag), human message."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "reason": self.reason, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds; bodies beyond them are refused before they cost memory."""
+
+    max_faces: int = 256
+    max_body_bytes: int = 16 << 20
+
+
+def check_face_count(n: int, limits: Limits) -> None:
+    if n == 0:
+        raise RequestError(422, "empty", "no faces in the request; send at least one image or crop")
+    if n > limits.max_faces:
+        raise RequestError(
+            413,
+            "too_many_faces",
+            f"{n} faces in one request, the limit is {limits.max_faces}; split the request",
+        )
+
+
+def decode_npy(body: bytes, limits: Limits) -> np.ndarray:
+    """An ``.npy`` body holding ``(N, 112, 112, 3)`` uint8 BGR crops."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as exc:
+        raise RequestError(
+            400, "bad_npy", f"body is not a valid .npy array (np.save format): {exc}"
+        ) from None
+    if not isinstance(array, np.ndarray):
+        raise RequestError(400, "bad_npy", "body must hold one array, not an .npz archive")
+    if array.dtype != np.uint8:
+        raise RequestError(
+            422, "bad_dtype", f"crops must be uint8 BGR, got dtype {array.dtype}"
+        )
+    if array.ndim != 4 or array.shape[1:] != (FACE_SIZE, FACE_SIZE, 3):
+        raise RequestError(
+            422,
+            "bad_shape",
+            f"crops must have shape (N, {FACE_SIZE}, {FACE_SIZE}, 3), got {array.shape}",
+        )
+    check_face_count(array.shape[0], limits)
+    return np.ascontiguousarray(array)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
+    """Encoded JPEG/PNG (or a raw 112x112x3 crop) -> BGR uint8 image."""
+    if len(data) == RAW_CROP_BYTES and not data.startswith((b"\x89PNG", b"\xff\xd8")):
+        return np.frombuffer(data, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3).copy()
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise RequestError(
+            422, "not_an_image", f"{where}: bytes are not a decodable JPEG/PNG image ({len(data)} bytes)"
+        )
+    return image
+
+
+def decode_base64(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise RequestError(400, "bad_base64", f"{where}: expected a base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:  # data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(400, "bad_base64", f"{where}: invalid base64: {exc}") from None
+
+
+def parse_landmarks(value: Any, where: str) -> np.ndarray:
+    try:
+        kps = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise RequestError(
+            422, "bad_landmarks", f"{where}: landmarks must be 5 [x, y] pairs of numbers"
+        ) from None
+    if kps.size == 10 and kps.ndim == 1:
+        kps = kps.reshape(5, 2)
+    if kps.shape != (5, 2):
+        raise RequestError(
+            422,
+            "bad_landmarks",
+            f"{where}: expected 5 landmarks of [x, y] (shape (5, 2)), got shape {kps.shape}",
+        )
+    if not np.isfinite(kps).all():
+        raise RequestError(422, "bad_landmarks", f"{where}: landmarks contain NaN or infinity")
+    return kps
+
+
+def to_crop(image: np.ndarray, landmarks: np.ndarray | None, where: str) -> np.ndarray:
+    """Align on landmarks, or check that ``image`` already is a 112x112 crop."""
+    if landmarks is not None:
+        return norm_crop(image, landmarks)
+    if image.shape[:2] != (FACE_SIZE, FACE_SIZE):
+        h, w = image.shape[:2]
+        raise RequestError(
+            422,
+            "not_aligned",
+            f"{where}: image is {w}x{h}; aligned crops must be {FACE_SIZE}x{FACE_SIZE} "
+            "(or send 5-point landmarks to align on the server)",
+        )
+    return image
+
+
+def decode_json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, "bad_json", f"body is not valid JSON: {exc}") from None
+
+
+def decode_embed_json(payload: Any, limits: Limits) -> np.ndarray:
+    """``{"images": [b64...], "landmarks": [[[x, y] * 5] ...]?, "aligned": bool?}`` -> crops."""
+    if not isinstance(payload, dict):
+        raise RequestError(422, "bad_request", "JSON body must be an object with an 'images' list")
+    unknown = sorted(set(payload) - {"images", "landmarks", "aligned"})
+    if unknown:
+        raise RequestError(
+            422, "bad_request", f"unknown field(s) {unknown}; expected images, landmarks, aligned"
+        )
+    images = payload.get("images")
+    if not isinstance(images, list):
+        raise RequestError(422, "bad_request", "'images' must be a list of base64 JPEG/PNG strings")
+    check_face_count(len(images), limits)
+    landmarks = payload.get("landmarks")
+    aligned = payload.get("aligned", landmarks is None)
+    if not isinstance(aligned, bool):
+        raise RequestError(422, "bad_request", "'aligned' must be true or false")
+    if landmarks is not None:
+        if aligned:
+            raise RequestError(
+                422, "bad_request", "'aligned': true and 'landmarks' contradict each other; send one"
+            )
+        if not isinstance(landmarks, list) or len(landmarks) != len(images):
+            got = len(landmarks) if isinstance(landmarks, list) else type(landmarks).__name__
+            raise RequestError(
+                422,
+                "bad_landmarks",
+                f"'landmarks' must hold one entry per image ({len(images)}), got {got}",
+            )
+    elif not aligned:
+        raise RequestError(
+            422, "bad_request", "'aligned' is false but no 'landmarks' were sent to align with"
+        )
+    crops = np.empty((len(images), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    for i, text in enumerate(images):
+        where = f"images[{i}]"
+        # cheap structural checks before the (expensive) image decode
+        kps = parse_landmarks(landmarks[i], f"landmarks[{i}]") if landmarks is not None else None
+        image = decode_image_bytes(decode_base64(text, where), where)
+        crops[i] = to_crop(image, kps, where)
+    return crops
+
+
+def decode_face_spec(spec: Any, where: str, limits: Limits) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One side of ``/v1/compare``: ``{"image": b64, "landmarks"?}`` or ``{"embedding": [...]}``.
+
+    Returns ``(crop, None)`` or ``(None, embedding)``.
+    """
+    if not isinstance(spec, dict):
+        raise RequestError(422, "bad_request", f"{where}: expected an object with 'image' or 'embedding'")
+    if ("image" in spec) == ("embedding" in spec):
+        raise RequestError(422, "bad_request", f"{where}: give exactly one of 'image' or 'embedding'")
+    if "embedding" in spec:
+        try:
+            vec = np.asarray(spec["embedding"], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise RequestError(
+                422, "bad_embedding", f"{where}: embedding must be a list of numbers"
+            ) from None
+        if vec.ndim != 1 or vec.size == 0:
+            raise RequestError(
+                422, "bad_embedding", f"{where}: embedding must be a flat list, got {vec.shape}"
+            )
+        if not np.isfinite(vec).all() or not np.linalg.norm(vec) > 0:
+            raise RequestError(422, "bad_embedding", f"{where}: embedding must be finite and non-zero")
+        return None, vec
+    image = decode_image_bytes(decode_base64(spec["image"], where), where)
+    kps = parse_landmarks(spec["landmarks"], f"{where}.landmarks") if "landmarks" in spec else None
+    return to_crop(image, kps, where), None
+
+
+def decode_grpc_faces(faces: list, crops: bytes, limits: Limits) -> np.ndarray:
+    """``EmbedBatchRequest`` contents -> crops (one of ``faces`` or ``crops``)."""
+    if faces and crops:
+        raise RequestError(400, "bad_request", "send either 'faces' or 'crops', not both")
+    if crops:
+        if len(crops) % RAW_CROP_BYTES:
+            raise RequestError(
+                422,
+                "bad_shape",
+                f"'crops' must be N x {RAW_CROP_BYTES} bytes ((N, 112, 112, 3) uint8), "
+                f"got {len(crops)} bytes",
+            )
+        array = np.frombuffer(crops, np.uint8).reshape(-1, FACE_SIZE, FACE_SIZE, 3)
+        check_face_count(array.shape[0], limits)
+        return array.copy()
+    check_face_count(len(faces), limits)
+    out = np.empty((len(faces), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    for i, face in enumerate(faces):
+        where = f"faces[{i}]"
+        image = decode_image_bytes(face.image, where)
+        kps = parse_landmarks(list(face.landmarks), f"{where}.landmarks") if face.landmarks else None
+        out[i] = to_crop(image, kps, where)
+    return out

@@ -1,0 +1,125 @@
+"""Start and stop the service from a Serve deploy config, the way ``serve run`` does.
+
+``arcface serve``, the demo and the load benchmark use this: validate the file
+against Serve's own schema (so what works here works with ``serve run`` and
+``serve deploy``), start Serve with its HTTP/gRPC options, deploy the
+applications and wait until they are RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engines.config import REPO_CONFIG_DIR
+from engines.errors import ConfigError, EngineError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVE_CONFIG = REPO_CONFIG_DIR / "serve.yaml"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    http: str
+    grpc: str | None
+    applications: tuple[str, ...]
+
+
+def load_serve_config(path: str | Path | None = None, **overrides: Any):
+    """Parse and validate a Serve deploy config (``ServeDeploySchema``).
+
+    ``overrides``: ``http_port``, ``grpc_port``, ``http_host``, ``app_args`` (merged
+    into every application's ``args``), ``deployment`` (merged into every
+    deployment's options).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(path) if path else DEFAULT_SERVE_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"serve config not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if overrides.get("http_port") is not None:
+        raw.setdefault("http_options", {})["port"] = overrides["http_port"]
+    if overrides.get("http_host") is not None:
+        raw.setdefault("http_options", {})["host"] = overrides["http_host"]
+    if overrides.get("grpc_port") is not None:
+        raw.setdefault("grpc_options", {})["port"] = overrides["grpc_port"]
+    for app in raw.get("applications") or []:
+        if overrides.get("app_args"):
+            app["args"] = {**(app.get("args") or {}), **overrides["app_args"]}
+        if overrides.get("deployment"):
+            for dep in app.get("deployments") or []:
+                dep.update(overrides["deployment"])
+    try:
+        return ServeDeploySchema.model_validate(raw)
+    except Exception as exc:
+        raise ConfigError(f"{path}: not a valid Serve deploy config: {exc}") from exc
+
+
+def start(config, address: str | None = None, num_cpus: int | None = None,
+          include_dashboard: bool = False, timeout_s: float = 300.0,
+          log_to_driver: bool = True) -> Endpoints:
+    """Connect to (``address``) or start a local Ray, start Serve, deploy, wait for RUNNING."""
+    import ray
+    from ray.serve._private import api as serve_private_api
+    from ray.serve.config import gRPCOptions
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, namespace="serve", log_to_driver=log_to_driver)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, namespace="serve",
+                     object_store_memory=256 << 20, log_to_driver=log_to_driver)
+    client = serve_private_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+    )
+    client.deploy_apps(config, _blocking=False)
+    names = tuple(app.name for app in config.applications)
+    wait_running(names, timeout_s)
+    http = config.http_options
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    grpc_port = config.grpc_options.port if config.grpc_options.grpc_servicer_functions else None
+    return Endpoints(
+        http=f"http://{host}:{http.port}",
+        grpc=f"{host}:{grpc_port}" if grpc_port else None,
+        applications=names,
+    )
+
+
+def wait_running(names: tuple[str, ...], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status()
+        states = {name: status.applications.get(name) for name in names}
+        failed = {n: s.message for n, s in states.items() if s is not None and s.status == "DEPLOY_FAILED"}
+        if failed:
+            raise EngineError(f"Serve application(s) failed to deploy: {failed}")
+        if all(s is not None and s.status == "RUNNING" for s in states.values()):
+            return
+        if time.monotonic() > deadline:
+            summary = {n: (s.status if s else "MISSING") for n, s in states.items()}
+            raise EngineError(f"Serve applications not RUNNING after {timeout_s:.0f}s: {summary}")
+        time.sleep(0.5)
+
+
+def stop(shutdown_ray: bool = True) -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        if shutdown_ray:
+            ray.shutdown()

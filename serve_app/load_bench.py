@@ -1,0 +1,186 @@
+"""``arcface bench-serve``: an async HTTP load generator against a running service.
+
+It reports what a client sees (faces/s, request latency percentiles, errors),
+what the service did (mean faces per engine batch, from ``/v1/info`` before
+and after), and the ratio of the service's throughput to the same engine
+called in-process, measured in the same run right after the load phase (never
+concurrently: on a small machine they would compete for the same cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .codec import NPY_MEDIA_TYPE, encode_npy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadResult:
+    url: str
+    concurrency: int
+    faces_per_request: int
+    duration_s: float
+    requests: int
+    faces: int
+    errors: dict[str, int] = field(default_factory=dict)
+    throughput_fps: float = 0.0
+    requests_per_s: float = 0.0
+    latency_ms_p50: float = float("nan")
+    latency_ms_p95: float = float("nan")
+    latency_ms_p99: float = float("nan")
+    observed_mean_batch_faces: float | None = None
+    inprocess_fps: float | None = None
+    inprocess_batch_size: int | None = None
+    ratio_to_inprocess: float | None = None
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bodies(faces_per_request: int, count: int = 16) -> list[bytes]:
+    from engines.sample_faces import jittered_faces
+
+    pool = jittered_faces(max(faces_per_request * count, 7), seed=4242).faces
+    rng = np.random.default_rng(0)
+    return [
+        encode_npy(pool[rng.choice(len(pool), faces_per_request, replace=False)]) for _ in range(count)
+    ]
+
+
+async def _get_json(session, url: str, headers: dict[str, str]) -> dict[str, Any]:
+    async with session.get(url, headers=headers) as resp:
+        resp.raise_for_status()
+        return await resp.json()
+
+
+async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: float,
+                warmup_s: float, headers: dict[str, str]) -> tuple[LoadResult, dict, dict]:
+    import aiohttp
+
+    bodies = _bodies(faces_per_request)
+    req_headers = {**headers, "content-type": NPY_MEDIA_TYPE, "accept": NPY_MEDIA_TYPE}
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    done_faces = 0
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        info_url = url.rstrip("/") + "/v1/info"
+        embed_url = url.rstrip("/") + "/v1/embed"
+
+        async def worker(i: int, until: float, record: bool) -> None:
+            nonlocal done_faces
+            k = i
+            while time.perf_counter() < until:
+                body = bodies[k % len(bodies)]
+                k += 1
+                started = time.perf_counter()
+                try:
+                    async with session.post(embed_url, data=body, headers=req_headers) as resp:
+                        await resp.read()
+                        status = resp.status
+                except aiohttp.ClientError as exc:
+                    status = type(exc).__name__
+                if not record:
+                    continue
+                if status == 200:
+                    latencies.append(time.perf_counter() - started)
+                    done_faces += faces_per_request
+                else:
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+
+        if warmup_s > 0:
+            end = time.perf_counter() + warmup_s
+            await asyncio.gather(*(worker(i, end, False) for i in range(concurrency)))
+        before = await _get_json(session, info_url, headers)
+        started = time.perf_counter()
+        end = started + duration_s
+        await asyncio.gather(*(worker(i, end, True) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        after = await _get_json(session, info_url, headers)
+    lat = np.asarray(latencies) * 1e3
+    result = LoadResult(
+        url=url,
+        concurrency=concurrency,
+        faces_per_request=faces_per_request,
+        duration_s=elapsed,
+        requests=len(latencies),
+        faces=done_faces,
+        errors=errors,
+        throughput_fps=done_faces / elapsed,
+        requests_per_s=len(latencies) / elapsed,
+    )
+    if lat.size:
+        result.latency_ms_p50, result.latency_ms_p95, result.latency_ms_p99 = (
+            float(np.percentile(lat, q)) for q in (50, 95, 99)
+        )
+    return result, before, after
+
+
+def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) -> float:
+    """The same engine (backend, model, precision) in this process, at ``batch_size``."""
+    from engines import get_engine
+    from engines.sample_faces import jittered_faces
+
+    engine = get_engine(
+        info["backend"], info["model_path"], precision=info["precision"], device=info["device"],
+        batch_size=batch_size, max_batch_size=max(batch_size, info.get("max_batch_size", batch_size)),
+    )
+    faces = jittered_faces(batch_size, seed=99).faces
+    engine.encode(faces)  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        engine.encode(faces)
+        done += batch_size
+    fps = done / (time.perf_counter() - started)
+    engine.close()
+    return fps
+
+
+def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, duration_s: float,
+                       warmup_s: float = 3.0, token: str | None = None,
+                       inprocess_s: float | None = None) -> LoadResult:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    result, before, after = asyncio.run(
+        _load(url, concurrency, faces_per_request, duration_s, warmup_s, headers)
+    )
+    b0, b1 = before.get("batch_stats", {}), after.get("batch_stats", {})
+    batches = b1.get("batches", 0) - b0.get("batches", 0)
+    if batches > 0:
+        result.observed_mean_batch_faces = (b1.get("faces", 0) - b0.get("faces", 0)) / batches
+    service = after.get("service", {})
+    result.engine = {k: after.get(k) for k in ("backend", "model_id", "precision", "device", "contract")}
+    result.engine["max_batch_size"] = service.get("max_batch_size")
+    if inprocess_s != 0:
+        batch = int(service.get("max_batch_size") or 32)
+        result.inprocess_batch_size = batch
+        result.inprocess_fps = inprocess_throughput(after, batch, inprocess_s or min(duration_s, 10.0))
+        result.ratio_to_inprocess = result.throughput_fps / result.inprocess_fps
+    return result
+
+
+def format_result(r: LoadResult) -> str:
+    lines = [
+        f"{r.url}: {r.concurrency} clients x {r.faces_per_request} faces/request, {r.duration_s:.1f} s",
+        f"  engine      {r.engine.get('backend')} / {r.engine.get('precision')} / {r.engine.get('model_id')}",
+        f"  throughput  {r.throughput_fps:.1f} faces/s ({r.requests_per_s:.1f} requests/s), "
+        f"errors {r.errors}",
+        f"  latency     p50 {r.latency_ms_p50:.1f} ms, p95 {r.latency_ms_p95:.1f} ms, "
+        f"p99 {r.latency_ms_p99:.1f} ms",
+        f"  batches     mean {r.observed_mean_batch_faces or float('nan'):.1f} faces per engine batch",
+    ]
+    if r.inprocess_fps:
+        lines.append(
+            f"  in-process  {r.inprocess_fps:.1f} faces/s at batch {r.inprocess_batch_size}; "
+            f"service / in-process = {r.ratio_to_inprocess:.2f}"
+        )
+    return "\n".join(lines)
