@@ -51,6 +51,15 @@ def embedding_contract_id(
     return "arcemb-v1-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def model_contract(model: ResolvedModel) -> str:
+    """The contract id any engine running ``model`` will report, known without starting one
+    (drivers that never load the model themselves use it to check outputs before work)."""
+    if model.embedding_dim is None:
+        raise ValueError(f"{model.model_id}: output dimension is not static in the graph")
+    preprocessing = f"{PREPROCESSING_VERSION}/{model.normalization.tag}"
+    return embedding_contract_id(model.contract_sha256, model.embedding_dim, preprocessing)
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """What runs, on what, with which weights: printed by ``arcface info`` and ``/v1/info``."""

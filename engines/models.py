@@ -59,6 +59,7 @@ class ResolvedModel:
     derived_from_sha256: str | None = None
     normalization: Normalization = field(default_factory=Normalization)
     macs_per_face: int | None = None
+    embedding_dim: int | None = None  # from the graph's output shape, when static
 
     @property
     def contract_sha256(self) -> str:
@@ -87,6 +88,7 @@ class ResolvedModel:
             "derived_from_sha256": self.derived_from_sha256,
             "normalization": self.normalization.tag,
             "macs_per_face": self.macs_per_face,
+            "embedding_dim": self.embedding_dim,
             "gmacs_per_face": None if self.macs_per_face is None else self.macs_per_face / 1e9,
         }
 
@@ -116,7 +118,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 @lru_cache(maxsize=64)
-def _graph_facts(path: str, sha256: str) -> tuple[Normalization, int | None, dict[str, str]]:
+def _graph_facts(path: str, sha256: str) -> tuple[Normalization, int | None, dict[str, str], int | None]:
     import onnx
 
     try:
@@ -132,7 +134,9 @@ def _graph_facts(path: str, sha256: str) -> tuple[Normalization, int | None, dic
         except Exception as exc:  # MAC counting is informative only
             logger.debug("cannot count MACs of %s: %s", path, exc)
             macs = None
-    return norm, int(macs) if macs is not None else None, props
+    dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
+    dim = dims[-1].dim_value if dims and dims[-1].dim_value > 0 else None
+    return norm, int(macs) if macs is not None else None, props, dim
 
 
 def count_macs(model) -> int:
@@ -171,12 +175,13 @@ def count_macs(model) -> int:
 
 
 def _with_graph_facts(model: ResolvedModel) -> ResolvedModel:
-    norm, macs, props = _graph_facts(model.path, model.sha256)
+    norm, macs, props, dim = _graph_facts(model.path, model.sha256)
     synthetic = model.synthetic or props.get("arcface_ray.synthetic") == "true"
     return replace(
         model,
         normalization=norm,
         macs_per_face=macs,
+        embedding_dim=dim,
         synthetic=synthetic,
         arch=model.arch or props.get("arcface_ray.arch"),
         precision=props.get("arcface_ray.precision", model.precision),

@@ -1,0 +1,125 @@
+"""``arcface sample-episodes``: a small episode dataset from the faces insightface ships.
+
+Each track follows one real face (the group photo's six and Tom Hanks) through
+``frames`` frames with light per-frame jitter (landmark noise, brightness,
+occasional mirroring), like consecutive detections in a video. Two layouts:
+
+- ``<out>/episodes/<episode>/<track>/<frame>.jpg``: aligned 112x112 crops;
+- ``<out>/manifest/manifest.parquet``: the same faces, half as inline encoded
+  crops (``image``), half as un-aligned frames on disk (``path`` + ``kps``) that
+  the job aligns on its CPU stage.
+
+``corrupt`` adds undecodable files to both layouts, which the job must report
+in its errors table without stopping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engines.align import ARCFACE_TEMPLATE
+from engines.sample_faces import SourceFace, jitter_face, source_faces
+
+FRAME_MARGIN = 96  # pixels of context around a face in un-aligned manifest frames
+
+
+@dataclass(frozen=True)
+class SampleSummary:
+    root: str
+    directory: str
+    manifest: str
+    episodes: int
+    tracks_per_episode: int
+    frames_per_track: int
+    faces: int
+    corrupt: int
+
+    @property
+    def decodable(self) -> int:
+        return self.faces
+
+
+def _frame_around(face: SourceFace, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An un-aligned frame: a window of the source image around the face, and its kps."""
+    kps = face.landmarks.astype(np.float64) + rng.normal(0.0, 1.0, (5, 2))
+    h, w = face.image.shape[:2]
+    x0 = int(max(0, kps[:, 0].min() - FRAME_MARGIN))
+    y0 = int(max(0, kps[:, 1].min() - FRAME_MARGIN))
+    x1 = int(min(w, kps[:, 0].max() + FRAME_MARGIN))
+    y1 = int(min(h, kps[:, 1].max() + FRAME_MARGIN))
+    frame = np.ascontiguousarray(face.image[y0:y1, x0:x1])
+    gain = 1.0 + rng.normal(0.0, 0.06)
+    frame = np.clip(frame.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return frame, (kps - [x0, y0]).astype(np.float32)
+
+
+def make_sample_episodes(out: str | Path, episodes: int = 2, tracks: int = 3, frames: int = 8,
+                         corrupt: int = 0, seed: int = 0) -> SampleSummary:
+    if min(episodes, tracks, frames) < 1 or corrupt < 0:
+        raise ValueError("episodes, tracks and frames must be >= 1 and corrupt >= 0")
+    root = Path(out)
+    directory = root / "episodes"
+    manifest_dir = root / "manifest"
+    frames_dir = manifest_dir / "frames"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    sources = source_faces()
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {"episode_id": [], "track_id": [], "frame": [], "image": [], "path": [], "kps": []}
+    faces = 0
+    for e in range(episodes):
+        episode = f"ep{e:03d}"
+        for t in range(tracks):
+            track = f"track{t:03d}"
+            source = sources[(e * tracks + t) % len(sources)]
+            (directory / episode / track).mkdir(parents=True, exist_ok=True)
+            for f in range(frames):
+                frame = f"{f:05d}"
+                crop = jitter_face(source, rng, strength=0.5)
+                ok, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                (directory / episode / track / f"{frame}.jpg").write_bytes(jpg.tobytes())
+                rows["episode_id"].append(episode)
+                rows["track_id"].append(track)
+                rows["frame"].append(frame)
+                if f % 2 == 0 or source.image_file.endswith(".png"):
+                    rows["image"].append(jpg.tobytes())
+                    rows["path"].append(None)
+                    rows["kps"].append(None)
+                else:
+                    full, kps = (
+                        _frame_around(source, rng) if source.image.shape[0] > 112
+                        else (source.image, ARCFACE_TEMPLATE + rng.normal(0, 0.5, (5, 2)).astype(np.float32))
+                    )
+                    name = f"{episode}_{track}_{frame}.jpg"
+                    cv2.imwrite(str(frames_dir / name), full, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    rows["image"].append(None)
+                    rows["path"].append(f"frames/{name}")
+                    rows["kps"].append(kps.reshape(-1).tolist())
+                faces += 1
+    for c in range(corrupt):
+        episode, track = f"ep{c % episodes:03d}", "track000"
+        frame = f"{90000 + c:05d}"
+        garbage = rng.integers(0, 256, 600, dtype=np.uint8).tobytes()
+        (directory / episode / track / f"{frame}.jpg").write_bytes(garbage)
+        for key, value in (("episode_id", episode), ("track_id", track), ("frame", frame),
+                           ("image", garbage), ("path", None), ("kps", None)):
+            rows[key].append(value)
+    table = pa.table({
+        "episode_id": pa.array(rows["episode_id"], pa.string()),
+        "track_id": pa.array(rows["track_id"], pa.string()),
+        "frame": pa.array(rows["frame"], pa.string()),
+        "image": pa.array(rows["image"], pa.binary()),
+        "path": pa.array(rows["path"], pa.string()),
+        "kps": pa.array(rows["kps"], pa.list_(pa.float32())),
+    })
+    pq.write_table(table, manifest_dir / "manifest.parquet")
+    summary = SampleSummary(str(root), str(directory), str(manifest_dir / "manifest.parquet"),
+                            episodes, tracks, frames, faces, corrupt)
+    (root / "sample.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary

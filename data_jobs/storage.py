@@ -1,0 +1,98 @@
+"""Local paths and ``s3://`` URIs behind one pyarrow filesystem interface.
+
+The job reads inputs and writes outputs through ``pyarrow.fs`` so the same code
+runs on a laptop directory and on S3 (or MinIO, or moto's server in tests, via
+``storage.endpoint_url``). Writes that must never be seen half-done go through
+``write_atomic``: a temporary name, then a rename (a single PUT on S3, which is
+atomic per object).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem plus a path inside it (no scheme), and the URI it came from."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> Location:
+        path = "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
+        uri = "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts]])
+        return Location(self.fs, path, uri)
+
+    @property
+    def is_s3(self) -> bool:
+        return isinstance(self.fs, pafs.S3FileSystem)
+
+
+def s3_filesystem(endpoint_url: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint_url:
+        parsed = urlparse(endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def locate(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Location:
+    """``s3://bucket/prefix`` or a local path -> ``Location`` (local paths made absolute)."""
+    if uri.startswith("s3://"):
+        return Location(s3_filesystem(endpoint_url, region), uri[len("s3://") :].rstrip("/"), uri.rstrip("/"))
+    path = os.path.abspath(os.path.expanduser(uri))
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def is_dir(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.Directory
+
+
+def list_files(loc: Location, recursive: bool = True) -> list[pafs.FileInfo]:
+    if not exists(loc):
+        return []
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True))
+    return [i for i in infos if i.type == pafs.FileType.File]
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        with fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+        fs.move(tmp, path)
+    else:  # one PUT: the object appears whole or not at all
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)
+
+
+def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_atomic(fs, path, sink.getvalue().to_pybytes())
+
+
+def delete_dir(loc: Location) -> None:
+    if exists(loc):
+        loc.fs.delete_dir(loc.path)

@@ -1,0 +1,85 @@
+"""``ray job submit`` path: a real head node, JobSubmissionClient, working_dir runtime env."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from support import free_port
+
+from data_jobs.sample import make_sample_episodes
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def head_node():
+    """``ray start --head --block`` on 127.0.0.1 in its own temp dir; stopped by signalling it
+    (``ray stop`` would also stop the test session's other Ray cluster)."""
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dashboard = free_port(), free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 120
+    client = None
+    while time.monotonic() < deadline:
+        try:
+            client = JobSubmissionClient(address)
+            client.list_jobs()
+            break
+        except Exception:
+            client = None
+            time.sleep(1)
+    if client is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("the Ray head node's dashboard did not come up")
+    yield client
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_job_submission_client_runs_the_episode_job(head_node, tmp_path):
+    from ray.job_submission import JobStatus
+
+    sample = make_sample_episodes(tmp_path / "data", episodes=2, tracks=2, frames=3, corrupt=1)
+    out = tmp_path / "out"
+    entrypoint = (
+        f"{sys.executable} -m data_jobs.embed_episodes --input {sample.directory} --output {out} "
+        "--backend onnx --model synthetic:mobilefacenet --json"
+    )
+    job_id = head_node.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
+    )
+    deadline = time.monotonic() + 420
+    status = head_node.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, f"job still {status}"
+        time.sleep(2)
+        status = head_node.get_job_status(job_id)
+    logs = head_node.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert '"faces": 12' in logs and '"failures": 1' in logs
+    rows = pads.dataset(out / "embeddings", format="parquet", partitioning="hive").to_table()
+    assert rows.num_rows == sample.decodable
