@@ -171,8 +171,8 @@ def run_pipeline(spec: JobSpec, index: InputIndex, pending: pa.Table, output: Lo
                       "marker": spec.fault.get("kill_actor_marker")},
         },
     )
-    sink = StagingDatasink(output, fault={"crash_driver_after_files": spec.fault.get("crash_driver_after_files"),
-                                          "driver_pid": os.getpid()})
+    crash_after = spec.fault.get("crash_driver_after_files")
+    sink = StagingDatasink(output, fault={"crash_driver_after_files": crash_after, "driver_pid": os.getpid()})
     ds.write_datasink(sink, ray_remote_args={"num_cpus": s.write_num_cpus})
 
 
@@ -204,7 +204,9 @@ def run_job(spec: JobSpec) -> JobReport:
               "synthetic": model.synthetic, "config": cfg.source}
     job = {"input": input_loc.uri, "settings": asdict(spec.settings)}
     by_episode = index.table.group_by("episode_id").aggregate([("uid", "list")])
-    expected = dict(zip(by_episode["episode_id"].to_pylist(), by_episode["uid_list"].to_pylist(), strict=True))
+    expected = dict(
+        zip(by_episode["episode_id"].to_pylist(), by_episode["uid_list"].to_pylist(), strict=True)
+    )
     results = [
         commit_episode(output, ep, set(expected[ep]), engine, job) for ep in episodes if ep not in committed
     ]
@@ -297,13 +299,16 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 def format_report(r: JobReport) -> str:
     lines = [
-        f"episodes  {r.episodes} ({r.episodes_skipped} already committed, {r.episodes_committed} committed now)",
+        f"episodes  {r.episodes} ({r.episodes_skipped} already committed, "
+        f"{r.episodes_committed} committed now)",
         f"faces     {r.faces} embedded, {r.failures} failures, {r.rows_processed} rows processed this run",
         f"time      {r.seconds:.1f} s -> {r.faces_per_s:.1f} faces/s (excluding cluster start)",
         f"output    {r.output}  (engine {r.engine.get('model_id')}, contract {r.engine.get('contract')})",
     ]
     if r.inprocess_fps:
-        lines.append(f"in-process engine {r.inprocess_fps:.1f} faces/s; job / in-process = {r.ratio_to_inprocess:.2f}")
+        lines.append(
+            f"in-process engine {r.inprocess_fps:.1f} faces/s; job / in-process = {r.ratio_to_inprocess:.2f}"
+        )
     return "\n".join(lines)
 
 

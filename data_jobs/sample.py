@@ -71,7 +71,7 @@ def make_sample_episodes(out: str | Path, episodes: int = 2, tracks: int = 3, fr
     frames_dir.mkdir(parents=True, exist_ok=True)
     sources = source_faces()
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {"episode_id": [], "track_id": [], "frame": [], "image": [], "path": [], "kps": []}
+    rows: dict[str, list] = {k: [] for k in ("episode_id", "track_id", "frame", "image", "path", "kps")}
     faces = 0
     for e in range(episodes):
         episode = f"ep{e:03d}"
@@ -82,7 +82,7 @@ def make_sample_episodes(out: str | Path, episodes: int = 2, tracks: int = 3, fr
             for f in range(frames):
                 frame = f"{f:05d}"
                 crop = jitter_face(source, rng, strength=0.5)
-                ok, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                _, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
                 (directory / episode / track / f"{frame}.jpg").write_bytes(jpg.tobytes())
                 rows["episode_id"].append(episode)
                 rows["track_id"].append(track)

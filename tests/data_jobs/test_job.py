@@ -30,7 +30,8 @@ MODEL = "synthetic:mobilefacenet"
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    return make_sample_episodes(tmp_path_factory.mktemp("episodes"), episodes=2, tracks=3, frames=6, corrupt=2)
+    root = tmp_path_factory.mktemp("episodes")
+    return make_sample_episodes(root, episodes=2, tracks=3, frames=6, corrupt=2)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,8 @@ def test_manifest_layout_with_inline_images_and_landmarks(ray_local, sample, eng
     assert_exactly_once(rows, sample)
     manifest = pq.read_table(sample.manifest)
     key = lambda e, t, f: f"{e}/{t}/{f}"  # noqa: E731
-    by_key = {key(*r): i for i, r in enumerate(zip(rows["episode_id"].to_pylist(), rows["track_id"].to_pylist(),
-                                                   rows["frame"].to_pylist(), strict=True))}
+    columns = (rows["episode_id"].to_pylist(), rows["track_id"].to_pylist(), rows["frame"].to_pylist())
+    by_key = {key(*r): i for i, r in enumerate(zip(*columns, strict=True))}
     got = rows["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, 512)
     crops, idx = [], []
     base = Path(sample.manifest).parent
@@ -121,7 +122,8 @@ def test_manifest_layout_with_inline_images_and_landmarks(ray_local, sample, eng
 def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sample, tmp_path):
     out, marker = str(tmp_path / "out"), tmp_path / "actor-killed"
     job = spec(sample.directory, out, batch_size=4)
-    job = JobSpec(**{**job.__dict__, "fault": {"kill_actor_after_batches": 2, "kill_actor_marker": str(marker)}})
+    fault = {"kill_actor_after_batches": 2, "kill_actor_marker": str(marker)}
+    job = JobSpec(**{**job.__dict__, "fault": fault})
     report = run_job(job)
     assert marker.exists(), "the fault was not injected: the test proves nothing"
     assert report.faces == sample.decodable and report.failures == sample.corrupt
@@ -130,8 +132,8 @@ def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sam
 
 def test_crashed_driver_resumes_without_loss_or_duplicates(sample, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_jobs.embed_episodes", "--input", sample.directory, "--output", str(out),
-           "--backend", "onnx", "--model", MODEL, "--batch-size", "4"]
+    cmd = [sys.executable, "-m", "data_jobs.embed_episodes", "--input", sample.directory,
+           "--output", str(out), "--backend", "onnx", "--model", MODEL, "--batch-size", "4"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     crashed = subprocess.run([*cmd, "--inject-crash-driver-after-files", "2"], capture_output=True, text=True,
                              timeout=600, env=env)
@@ -162,7 +164,8 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch):
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="frames", Prefix="out/")["Contents"]]
     assert "out/embeddings/episode_id=ep000/_SUCCESS" in keys
     fs = locate("s3://frames/out", s3_endpoint).fs
-    rows = pads.dataset("frames/out/embeddings", filesystem=fs, format="parquet", partitioning="hive").to_table()
+    rows = pads.dataset("frames/out/embeddings", filesystem=fs, format="parquet",
+                        partitioning="hive").to_table()
     assert_exactly_once(rows, sample)
 
 
