@@ -173,7 +173,7 @@ class _Resolution:
     def build_here(self) -> CachedEngine:
         plan = self.local.plan_path(self.key)
         tmp = plan.with_name(f".{plan.name}.{os.getpid()}.building")
-        job = BuildJob(self.graph.path, self.settings, self.target, tmp,
+        job = BuildJob(self.key, self.graph.path, self.settings, self.target, tmp,
                        self.local.timing_cache_path(self.target), self.device_id)
         started = time.perf_counter()
         try:

@@ -85,7 +85,7 @@ class BuildSettings:
 
 def model_slug(model_id: str) -> str:
     """A model id safe for a file name and an S3 key (``buffalo_l/w600k_r50`` -> ``buffalo_l_w600k_r50``)."""
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", model_id).strip("_") or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id).strip("_-") or "model"
 
 
 def engine_key(graph: ResolvedModel, settings: BuildSettings, target: BuildTarget) -> str:

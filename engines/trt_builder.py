@@ -46,6 +46,7 @@ _FACE_DIMS = (3, 112, 112)
 class BuildJob:
     """Everything a build step needs; it writes the plan to ``output_path``."""
 
+    key: str
     onnx_path: str
     settings: BuildSettings
     target: BuildTarget
