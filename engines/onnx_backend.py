@@ -38,11 +38,10 @@ def onnxruntime_build() -> dict[str, Any]:
 
     ``onnxruntime`` and ``onnxruntime-gpu`` both install the ``onnxruntime``
     module; whichever was installed last wins. This tells which one did (the
-    GPU build ships the CUDA provider library in ``onnxruntime/capi``), and
-    says so in ``warning`` when both distributions are installed.
+    GPU build reports device ``GPU``), and says so in ``warning`` when both
+    distributions are installed.
     """
     import importlib.metadata as md
-    from pathlib import Path
 
     import onnxruntime as ort
 
@@ -53,10 +52,10 @@ def onnxruntime_build() -> dict[str, Any]:
         except md.PackageNotFoundError:
             continue
     providers = ort.get_available_providers()
-    capi = Path(ort.__file__).parent / "capi"
-    gpu_files = any(capi.glob("libonnxruntime_providers_cuda*")) or any(
-        capi.glob("onnxruntime_providers_cuda*"))
-    in_charge = "onnxruntime-gpu" if gpu_files else "onnxruntime"
+    # get_device() is compiled into the extension module: "GPU" only in the GPU build.
+    # (Provider .so files are no evidence: installing the CPU wheel over the GPU one
+    # leaves them behind while the CPU module takes over.)
+    in_charge = "onnxruntime-gpu" if ort.get_device() == "GPU" else "onnxruntime"
     info: dict[str, Any] = {
         "version": ort.__version__,
         "distributions": dists,

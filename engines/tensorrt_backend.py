@@ -28,7 +28,7 @@ import numpy as np
 
 from .base import BaseEngine, EngineOptions
 from .config import TensorRTConfig
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, EngineBuildError
 from .hardware import device_index, has_cuda
 from .models import ResolvedModel
 from .registry import register
@@ -90,9 +90,16 @@ class TensorRTEngine(BaseEngine):
 
         trt_cfg = self._trt_config()
         device_id = device_index(self.options.device)
-        entry = get_or_build_engine(self.model, trt_cfg, device_id=device_id)
-        self.model = entry.graph or self.model
-        runner = TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))
+        try:
+            entry = get_or_build_engine(self.model, trt_cfg, device_id=device_id)
+            self.model = entry.graph or self.model
+            runner = TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))
+        except (AttributeError, TypeError) as exc:
+            # An API this TensorRT build lacks: yield to the next backend instead of crashing it.
+            raise EngineBuildError(
+                f"TensorRT API mismatch ({type(exc).__name__}: {exc}); this backend is written "
+                "for the TensorRT 10.x / 11.x Python API"
+            ) from exc
         try:
             runner.warm_up()
             self._memory = runner.memory()
