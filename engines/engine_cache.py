@@ -192,7 +192,11 @@ class _Resolution:
     def fetch(self, store: S3EngineStore) -> CachedEngine | None:
         """Download the published plan, verified; a bad copy is retried once, then treated as absent."""
         sidecar = store.sidecar(self.key)
-        if sidecar is None or sidecar["sha256"] in self.corrupt:
+        if sidecar is None:
+            return None
+        # a copy known bad is not downloaded again until the plan object changes (a re-upload)
+        marker = f"{sidecar['sha256']}/{store.plan_etag(self.key)}"
+        if marker in self.corrupt:
             return None
         for attempt in (1, 2):
             try:
@@ -203,7 +207,7 @@ class _Resolution:
             self.local.write_sidecar(self.key, sidecar)
             logger.info("engine %s downloaded from %s", self.key, store.uri(self.key))
             return CachedEngine(self.key, self.local.plan_path(self.key), sidecar, "s3", self.graph)
-        self.corrupt.add(sidecar["sha256"])
+        self.corrupt.add(marker)
         logger.warning("engine %s in S3 does not match its sidecar; it will be rebuilt", self.key)
         return None
 

@@ -145,6 +145,18 @@ class S3EngineStore:
             return None
         return data if isinstance(data, dict) and data.get("sha256") else None
 
+    def plan_etag(self, key: str) -> str | None:
+        """The plan object's ETag (changes with every upload); ``None`` if absent."""
+        _, client_error = _botocore_errors()
+        uri = self.uri(key)
+        with self._calls("head plan"):
+            try:
+                return self.client.head_object(Bucket=uri.bucket, Key=uri.key)["ETag"]
+            except client_error as exc:
+                if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+
     def download(self, key: str, dest: Path, expected_sha256: str) -> None:
         """Atomic, verified download; ``ChecksumMismatch`` leaves nothing behind."""
         boto_error, _ = _botocore_errors()

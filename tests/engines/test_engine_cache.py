@@ -155,6 +155,30 @@ def test_corrupt_engine_in_s3_is_never_loaded_but_rebuilt(mbf_model, tmp_path, s
     assert republished.read_bytes() == known_plan_bytes(good.key)
 
 
+def test_waiter_skips_a_corrupt_copy_until_the_lock_holder_republishes(mbf_model, tmp_path, s3_endpoint,
+                                                                      bucket):
+    import threading
+
+    build = CountingBuild()
+    good = get_or_build_engine(mbf_model, trt_config(tmp_path, "a", s3_endpoint, bucket),
+                               target=TARGET, build=build)
+    store = S3EngineStore(make_client(s3_endpoint), bucket, "engines")
+    make_client(s3_endpoint).put_object(Bucket=bucket, Key=store.uri(good.key).key, Body=b"corrupt!")
+    holder = store.try_lock(good.key, ttl_s=600)  # host x is rebuilding it
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(entry=get_or_build_engine(
+        mbf_model, trt_config(tmp_path, "c", s3_endpoint, bucket), target=TARGET, build=build,
+        poll_interval_s=0.1)))
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive() and "entry" not in result  # it neither loaded nor built the bad copy
+    store.upload(good.key, good.path, good.sidecar)  # host x republishes: same sha, new object
+    store.release(holder)
+    waiter.join(timeout=30)
+    assert result["entry"].source == "s3" and len(build.keys) == 1
+    assert result["entry"].read_verified() == known_plan_bytes(good.key)
+
+
 def test_unreachable_s3_builds_locally_with_a_warning(mbf_model, tmp_path, caplog, aws_env):
     build = CountingBuild()
     cfg = trt_config(tmp_path, "a", dead_endpoint(), "engines-bucket")
