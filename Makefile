@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install install-gpu clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ install: $(STAMP)
 # Keep ORT_GPU_VERSION equal to the onnxruntime-gpu pin in pyproject.toml. Run it again
 # after any other pip install into .venv (see README "GPU install").
 ORT_GPU_VERSION := 1.31.1
+.PHONY: install-gpu
 install-gpu: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[gpu,test]'
 	$(BIN)/python -m pip uninstall --quiet -y onnxruntime

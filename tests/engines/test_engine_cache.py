@@ -31,7 +31,7 @@ from engines.models import resolve_model
 from engines.precision import convert_model
 from engines.s3 import make_client
 
-WORKER = Path(__file__).with_name("engine_cache_worker.py")
+WORKER = Path(__file__).parent.parent / "engine_cache_worker.py"
 TARGET = BuildTarget(tuple(WORKER_TARGET["compute_capability"]), WORKER_TARGET["trt_version"],
                      WORKER_TARGET["gpu_name"])
 

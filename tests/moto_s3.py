@@ -1,7 +1,8 @@
 """A real S3 API on 127.0.0.1 for the engine-store and cache tests (moto in server mode).
 
 Tests talk to it through boto3 over HTTP, exactly as production talks to AWS
-or MinIO; no client is patched. ``tests/engines/conftest.py`` exposes the fixtures.
+or MinIO; no client is patched. ``tests/engines/conftest.py`` exposes the fixtures
+(tests/ is on sys.path, so any conftest can).
 """
 
 from __future__ import annotations
