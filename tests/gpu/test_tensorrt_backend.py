@@ -97,6 +97,18 @@ def test_fp16_r50_reports_device_memory(cfg, engines_by_key, r50_model):
           f"{engine.info.runtime['tensorrt']['engine_key']}")
 
 
+def test_startup_drift_gate_passes_the_fp16_engine(cfg, engines_by_key, mbf_model):
+    trt_engine(engines_by_key, cfg, mbf_model, "fp16")  # built (or cached) once
+    gated = get_engine("tensorrt", mbf_model, precision="fp16", device="cuda:0", fallback=["onnx"],
+                       validate_on_startup=True, config=cfg)
+    try:
+        attempt = gated.info.fallback["attempts"][0]
+        assert gated.name == "tensorrt" and attempt["status"] == "selected", attempt
+        assert attempt["drift"]["passed"] and attempt["drift"]["min_cosine_sim"] >= 0.999
+    finally:
+        gated.close()
+
+
 def test_threads_share_one_engine_safely(cfg, engines_by_key, eval_faces, mbf_model):
     engine = trt_engine(engines_by_key, cfg, mbf_model, "fp32")
     expected = engine.encode(eval_faces)
