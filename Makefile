@@ -14,6 +14,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# GPU hosts: the gpu extra (TensorRT, cuda-python, onnxruntime-gpu). insightface and our
+# base pins pull the CPU onnxruntime too, and both wheels own the `onnxruntime` module:
+# remove the CPU one, reinstall the GPU one over the shared files, then check it answers.
+# Keep ORT_GPU_VERSION equal to the onnxruntime-gpu pin in pyproject.toml. Run it again
+# after any other pip install into .venv (see README "GPU install").
+ORT_GPU_VERSION := 1.31.1
+.PHONY: install-gpu
+install-gpu: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[gpu,test]'
+	$(BIN)/python -m pip uninstall --quiet -y onnxruntime
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+		onnxruntime-gpu==$(ORT_GPU_VERSION)
+	$(BIN)/python -c "import onnxruntime as o, sys; p = o.get_available_providers(); \
+		print('onnxruntime', o.__version__, o.get_device(), p); \
+		sys.exit(0 if o.get_device() == 'GPU' and 'CUDAExecutionProvider' in p else 1)"
+	@touch $(STAMP)
+
 demo: $(STAMP)
 	$(BIN)/arcface demo
 

@@ -148,8 +148,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     info = engine.info.to_dict()
     info["model"] = engine.model.to_dict()
+    info["onnxruntime"] = _onnxruntime_build()
     emit_json(info)
     return EXIT_OK
+
+
+def _onnxruntime_build() -> dict[str, Any]:
+    """Which onnxruntime build answers (CPU or GPU distribution), whatever backend runs."""
+    try:
+        from .onnx_backend import onnxruntime_build
+
+        build = onnxruntime_build()
+    except ImportError as exc:
+        return {"error": f"onnxruntime not importable: {exc}"}
+    if "warning" in build:
+        logger.warning("%s", build["warning"])
+    return build
 
 
 def _parser_info(sub) -> None:

@@ -80,6 +80,7 @@ class OnnxConfig:
         default="all", metadata=_choices("disable", "basic", "extended", "all")
     )
     io_binding: bool = True
+    trt_engine_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,8 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.storage.type == "s3" and not cfg.storage.bucket:
         raise ConfigError("storage.bucket is required when storage.type is 's3'")
+    if trt.storage.type == "s3" and not trt.storage.bucket:
+        raise ConfigError("tensorrt.storage.bucket is required when tensorrt.storage.type is 's3'")
 
 
 def _read_yaml(path: Path) -> dict:

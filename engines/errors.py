@@ -36,6 +36,13 @@ class EngineBuildError(EngineError):
     """Building or loading a serialized engine (TensorRT plan) failed."""
 
 
+class ChecksumMismatch(EngineError):
+    """Downloaded or cached bytes do not hash to the sha256 they were published with.
+
+    Never load such a file: discard it, then download it again or rebuild it.
+    """
+
+
 def missing_extra(package: str, extra: str, purpose: str) -> BackendUnavailable:
     """Build the standard "install the extra" error for a lazily imported runtime."""
     return BackendUnavailable(

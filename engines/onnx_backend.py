@@ -37,7 +37,9 @@ def onnxruntime_build() -> dict[str, Any]:
     """Which onnxruntime distribution is importable and which providers it offers.
 
     ``onnxruntime`` and ``onnxruntime-gpu`` both install the ``onnxruntime``
-    module; whichever was installed last wins. This tells which one did.
+    module; whichever was installed last wins. This tells which one did (the
+    GPU build reports device ``GPU``), and says so in ``warning`` when both
+    distributions are installed.
     """
     import importlib.metadata as md
 
@@ -50,12 +52,78 @@ def onnxruntime_build() -> dict[str, Any]:
         except md.PackageNotFoundError:
             continue
     providers = ort.get_available_providers()
-    return {
+    # get_device() is compiled into the extension module: "GPU" only in the GPU build.
+    # (Provider .so files are no evidence: installing the CPU wheel over the GPU one
+    # leaves them behind while the CPU module takes over.)
+    in_charge = "onnxruntime-gpu" if ort.get_device() == "GPU" else "onnxruntime"
+    info: dict[str, Any] = {
         "version": ort.__version__,
         "distributions": dists,
+        "in_charge": in_charge,
         "gpu_build": any(p in providers for p in GPU_PROVIDERS),
         "available_providers": providers,
     }
+    if len(dists) == 2:
+        info["warning"] = (
+            f"both onnxruntime {dists['onnxruntime']} and onnxruntime-gpu {dists['onnxruntime-gpu']} "
+            f"are installed; the module in use comes from {in_charge}. On a GPU host run "
+            "`make install-gpu` (or: pip uninstall -y onnxruntime && pip install --force-reinstall "
+            "--no-deps onnxruntime-gpu==<version>), see README 'GPU install'"
+        )
+    return info
+
+
+def tensorrt_ep_options(
+    model: ResolvedModel,
+    input_name: str,
+    cache_dir: str | None,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mb: int,
+    engine_cache: bool = True,
+) -> dict[str, Any]:
+    """Options of ONNX Runtime's TensorRT execution provider for ``model``'s graph.
+
+    One profile 1 / opt / max on the graph's input; no ``trt_fp16_enable``:
+    the graph is already the converted one (TensorRT 11 has no FP16 flag), so
+    the EP and the native backend build from the same bytes. Its engines and
+    timing cache live under ``<cache>/engines/ort-trt``, named by model,
+    graph sha8 and precision (ORT appends its own hash and the sm).
+    """
+    from .engine_key import model_slug
+    from .models import cache_root
+
+    def shape(batch: int) -> str:
+        return f"{input_name}:{batch}x3x112x112"
+
+    options: dict[str, Any] = {
+        "trt_max_workspace_size": int(workspace_mb) << 20,
+        "trt_profile_min_shapes": shape(1),
+        "trt_profile_opt_shapes": shape(min(opt_batch, max_batch)),
+        "trt_profile_max_shapes": shape(max_batch),
+    }
+    if engine_cache:
+        where = str(cache_root(cache_dir) / "engines" / "ort-trt")
+        options.update({
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": where,
+            "trt_engine_cache_prefix": f"{model_slug(model.model_id)}-{model.sha256[:8]}-{model.precision}",
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": where,
+        })
+    return options
+
+
+def graph_input_name(path: str) -> str:
+    """The graph's one real input (initialisers listed as inputs in old exports excluded)."""
+    import onnx
+
+    graph = onnx.load_model(path, load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in weights]
+    if len(names) != 1:
+        raise BackendUnavailable(f"{path}: expected one input, got {names}")
+    return names[0]
 
 
 def select_providers(
@@ -135,7 +203,7 @@ class OnnxEngine(BaseEngine):
             self.options.device,
             tuple(extra.get("providers", ("CPUExecutionProvider",))),
             ort.get_available_providers(),
-            extra.get("provider_options", {}),
+            {**self._tensorrt_ep(), **extra.get("provider_options", {})},
         )
         try:
             self._session = ort.InferenceSession(
@@ -164,6 +232,24 @@ class OnnxEngine(BaseEngine):
         self._embedding_dim = int(dim) if isinstance(dim, int) else None
         warm = self._run(np.zeros((1, 3, 112, 112), np.float32))
         self._embedding_dim = int(warm.shape[-1])
+
+    def _tensorrt_ep(self) -> dict[str, dict]:
+        """TensorRT EP options, only when this session may use that provider."""
+        extra = self.options.extra
+        if self.options.device == "cpu" or "TensorrtExecutionProvider" not in extra.get("providers", ()):
+            return {}
+        cfg = extra.get("config")
+        emb = cfg.embedding if cfg is not None else None
+        options = tensorrt_ep_options(
+            self.model,
+            graph_input_name(self.model.path),
+            self.cache_dir,
+            emb.opt_batch_size if emb else self.options.batch_size,
+            self.options.max_batch_size,
+            emb.workspace_size_mb if emb else 2048,
+            engine_cache=bool(extra.get("trt_engine_cache", True)),
+        )
+        return {"TensorrtExecutionProvider": options}
 
     def _run(self, blob: np.ndarray) -> np.ndarray:
         session = self._session

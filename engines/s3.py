@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError
+from .errors import ChecksumMismatch, EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,17 @@ def parse_s3_uri(uri: str) -> S3Uri:
     return S3Uri(bucket, key)
 
 
-def make_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+def make_client(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    max_attempts: int = 5,
+    connect_timeout: float = 5,
+) -> Any:
     """A boto3 S3 client; ``endpoint_url`` / ``region`` default to AWS's own resolution.
 
     ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (boto3's own variables) also
-    work when ``endpoint_url`` is not set.
+    work when ``endpoint_url`` is not set. ``max_attempts=1`` makes a probe
+    that answers "unreachable" at once instead of after seconds of back-off.
     """
     import boto3
     from botocore.config import Config as BotoConfig
@@ -53,8 +59,8 @@ def make_client(endpoint_url: str | None = None, region: str | None = None) -> A
         endpoint_url=endpoint_url or None,
         region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=BotoConfig(
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=5,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
             read_timeout=60,
         ),
     )
@@ -87,7 +93,7 @@ def download_verified(
             raise EngineError(f"cannot download {uri}: {exc}") from exc
         actual = sha256_file(tmp)
         if expected_sha256 and actual != expected_sha256:
-            raise EngineError(
+            raise ChecksumMismatch(
                 f"checksum mismatch for {uri}: expected sha256 {expected_sha256}, "
                 f"downloaded {actual}; refusing to use it"
             )
