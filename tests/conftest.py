@@ -17,6 +17,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import numpy as np
 import pytest
+from moto_s3 import aws_env, bucket, s3_endpoint  # noqa: F401  (fixtures: the real S3 API server)
 from support import free_port
 
 from engines.models import ResolvedModel, resolve_model
@@ -60,18 +61,6 @@ def ray_local():
         serve.shutdown()
     finally:
         ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3-protocol server (moto in server mode) on 127.0.0.1; yields its URL."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="session")
