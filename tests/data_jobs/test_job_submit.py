@@ -59,6 +59,20 @@ def head_node():
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _submit_when_an_agent_is_up(client, timeout_s: float = 120.0, **job) -> str:
+    """The dashboard answers before the node's job agent has registered with it; until then
+    ``submit_job`` is refused with "No available agent" (HTTP 500). Ray's CLI users see the
+    same and retry, so the test does too, but only for that one refusal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_job_submission_client_runs_the_episode_job(head_node, tmp_path):
     from ray.job_submission import JobStatus
 
@@ -68,7 +82,8 @@ def test_job_submission_client_runs_the_episode_job(head_node, tmp_path):
         f"{sys.executable} -m data_jobs.embed_episodes --input {sample.directory} --output {out} "
         "--backend onnx --model synthetic:mobilefacenet --json"
     )
-    job_id = head_node.submit_job(
+    job_id = _submit_when_an_agent_is_up(
+        head_node,
         entrypoint=entrypoint,
         runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
     )
