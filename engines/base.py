@@ -130,6 +130,9 @@ class BaseEngine(ABC):
 
     name: str = "base"
     _serialize_runs: bool = False
+    # True where precision "auto" may choose below fp32 on this host; the factory
+    # then adds an fp32 retry of the backend behind it in the chain.
+    auto_may_reduce_precision: bool = False
 
     def __init__(self, model: ResolvedModel, options: EngineOptions) -> None:
         if options.batch_size < 1 or options.max_batch_size < options.batch_size:

@@ -15,11 +15,14 @@ import platform
 import resource
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+SETTLE_S = 0.25  # pause between two workers' turns (see run_benchmark)
 
 
 @dataclass
@@ -51,11 +54,24 @@ class BenchSpec:
     precision: str | None = None
     device: str | None = None
     config_path: str | None = None
+    # largest batch any run will send (the report runs several batch sizes per worker)
+    max_batch_size: int | None = None
+    # False: start the engine without the startup drift gate, so that a path the gate
+    # would refuse can still be measured (the report shows its drift next to its speed)
+    drift_gate: bool = True
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident set. ``VmHWM`` belongs to the address space, which
+    ``exec`` replaces; ``ru_maxrss`` survives ``exec`` on Linux, so a spawned worker would
+    report its parent's peak when that is larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _device_memory_mb(info: dict) -> float | None:
@@ -67,21 +83,26 @@ def _device_memory_mb(info: dict) -> float | None:
 def _worker(spec: BenchSpec, conn) -> None:
     """Child process: start the engine, then run batches whenever the parent asks."""
     try:
+        from dataclasses import replace
+
         from .config import load_config
         from .factory import get_engine
-        from .sample_faces import jittered_faces
+        from .sample_faces import eval_faces, jittered_faces
 
-        cfg = load_config(spec.config_path) if spec.config_path else None
+        cfg = load_config(spec.config_path) if spec.config_path else load_config()
+        if not spec.drift_gate:
+            cfg = replace(cfg, validation=replace(cfg.validation, enabled=False))
+        largest = max(spec.batch_size, spec.max_batch_size or 1)
         engine = get_engine(
             spec.backend,
             spec.model,
             batch_size=spec.batch_size,
-            max_batch_size=max(spec.batch_size, 1),
+            max_batch_size=largest,
             precision=spec.precision,
             device=spec.device,
             config=cfg,
         )
-        faces = jittered_faces(max(spec.batch_size, 7), seed=123).faces[: spec.batch_size]
+        pool = jittered_faces(max(largest, 7), seed=123).faces
         info = engine.info.to_dict()
         conn.send(("ready", info))
     except BaseException as exc:  # report, never hang the parent
@@ -94,9 +115,13 @@ def _worker(spec: BenchSpec, conn) -> None:
             conn.send(("peak", _peak_rss_mb(), _device_memory_mb(info)))
             conn.close()
             return
-        _, batches = msg
-        latencies = []
         try:
+            if msg[0] == "eval":
+                conn.send(("embeddings", engine.encode(eval_faces(msg[1]))))
+                continue
+            _, batches, *size = msg
+            faces = pool[: size[0] if size else spec.batch_size]
+            latencies = []
             for _ in range(batches):
                 started = time.perf_counter()
                 engine.encode(faces)
@@ -135,19 +160,36 @@ class _Runner:
         else:
             self.info = msg[1]
 
-    def run(self, batches: int, timeout: float) -> None:
+    def run(self, batches: int, timeout: float, batch_size: int | None = None) -> list[float]:
+        """Run ``batches`` batches (of ``batch_size`` faces, default the spec's); their latencies."""
         if self.error:
-            return
-        self.conn.send(("run", batches))
+            return []
+        self.conn.send(("run", batches) if batch_size is None else ("run", batches, batch_size))
         try:
             msg = self._recv(timeout)
         except (TimeoutError, EOFError) as exc:
             self.error = str(exc) or "worker exited"
-            return
+            return []
         if msg[0] == "error":
             self.error = msg[1]
-        else:
-            self.latencies.extend(msg[1])
+            return []
+        self.latencies.extend(msg[1])
+        return list(msg[1])
+
+    def embed_eval(self, n: int, timeout: float) -> np.ndarray | None:
+        """This backend's embeddings of the first ``n`` eval faces (for drift)."""
+        if self.error:
+            return None
+        self.conn.send(("eval", n))
+        try:
+            msg = self._recv(timeout)
+        except (TimeoutError, EOFError) as exc:
+            self.error = str(exc) or "worker exited"
+            return None
+        if msg[0] == "error":
+            self.error = msg[1]
+            return None
+        return msg[1]
 
     def stop(self) -> tuple[float, float | None]:
         peak, device_mb = float("nan"), None
@@ -207,6 +249,9 @@ def run_benchmark(
                 bar.update(warmup_batches)
     for n in per_round:
         for runner in runners:
+            # the previous worker's runtime threads spin for a while after its last batch;
+            # timing the next one before they park would charge it for their cycles
+            time.sleep(SETTLE_S)
             runner.run(n, timeout_s)
             if bar:
                 bar.update(n)

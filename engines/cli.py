@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import BACKEND_NAMES, PRECISIONS
@@ -187,8 +188,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     model = args.model or cfg.embedding.model
-    engine_a = get_engine(args.backend_a, model, precision=args.precision_a, config=cfg)
-    engine_b = get_engine(args.backend_b, model, precision=args.precision_b, config=cfg)
+    # no startup gate: this command *is* the drift measurement, and must show a refused path
+    engine_a = get_engine(args.backend_a, model, precision=args.precision_a, config=cfg,
+                          validate_on_startup=False)
+    engine_b = get_engine(args.backend_b, model, precision=args.precision_b, config=cfg,
+                          validate_on_startup=False)
     max_drift = cfg.validation.max_drift_cosine if args.max_drift is None else args.max_drift
     faces = eval_faces(args.n_samples, seed=args.seed)
     report = run_embedding_regression_tests(faces, engine_a, engine_b, max_drift)
@@ -236,6 +240,8 @@ _PARSERS.append(_parser_compare)
 # -- bench ---------------------------------------------------------------------------
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.report:
+        return _bench_report(args)
     from .bench import format_table, machine_info, run_benchmark
 
     cfg = _load_cfg(args)
@@ -260,6 +266,57 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _bench_report(args: argparse.Namespace) -> int:
+    from .bench_report import REPORT_BATCHES, REPORT_MODELS, run_report, summary_markdown, update_readme
+    from .hardware import resolve_device
+
+    if args.readme and not Path(args.readme).is_file():
+        raise ValueError(f"--readme {args.readme}: no such file")
+    models = tuple(args.models or (("mobilefacenet",) if args.quick else REPORT_MODELS))
+    batches = tuple(args.batch_sizes or ((1, 8) if args.quick else REPORT_BATCHES))
+    faces = args.faces_per_point or (16 if args.quick else 128)
+    report = run_report(
+        args.report,
+        models=models,
+        batches=batches,
+        faces_per_point=faces,
+        rounds=2 if args.quick else args.rounds,
+        device=resolve_device(args.device or "cpu"),
+        config_path=args.config,
+        eval_size=16 if args.quick else 32,
+        progress=not args.json,
+    )
+    if args.readme:
+        update_readme(args.readme, report, args.report)
+    if args.json:
+        emit_json(report)
+    else:
+        print(summary_markdown(report))
+        print(f"\nwrote {args.report}/report.json, report.md, report.png")
+    reference_failed = any(r["error"] for r in report["rows"] if r["backend"] == "insightface")
+    return EXIT_FAILED if reference_failed else EXIT_OK
+
+
+def _model_names(text: str) -> list[str]:
+    from .synthetic import ARCHITECTURES
+
+    names = [n.strip().removeprefix("synthetic:") for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ARCHITECTURES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"choose from {sorted(ARCHITECTURES)}, got {text!r}")
+    return names
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}")
+    return sizes
+
+
 def _parser_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput / latency / memory of backends, side by side")
     p.add_argument("--backends", type=backend_list, default=["insightface", "onnx"],
@@ -272,6 +329,18 @@ def _parser_bench(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
+    r = p.add_argument_group("report (every backend and precision, several models and batch sizes)")
+    r.add_argument("--report", metavar="DIR",
+                   help="write DIR/report.json, report.md, report.png (ignores --backends)")
+    r.add_argument("--quick", action="store_true",
+                   help="report on mobilefacenet at batches 1,8 only (a smoke run)")
+    r.add_argument("--models", type=_model_names,
+                   help="comma-separated synthetic architectures (default: all three)")
+    r.add_argument("--batch-sizes", type=_batch_sizes, help="default: 1,8,32,64")
+    r.add_argument("--faces-per-point", type=positive_int,
+                   help="faces measured per backend and batch size (default 128)")
+    r.add_argument("--readme", metavar="PATH",
+                   help="also rewrite PATH's bench-report section from the report")
     _add_common(p)
 
 

@@ -62,6 +62,7 @@ class ValidationConfig:
     max_drift_cosine: float = field(default=0.001, metadata={"min": 0.0, "max": 2.0})
     eval_set_size: int = field(default=32, metadata={"min": 2})
     run_on_startup: bool = False
+    gate_reduced_precision: bool = True
     reference_backend: str = field(default="insightface", metadata=_choices("insightface", "onnx"))
 
 
@@ -81,6 +82,18 @@ class OnnxConfig:
     )
     io_binding: bool = True
     trt_engine_cache: bool = True
+
+
+@dataclass(frozen=True)
+class OpenVinoConfig:
+    """OpenVINO CPU plugin settings for the ``openvino`` backend."""
+
+    performance_hint: str = field(default="throughput", metadata=_choices("throughput", "latency"))
+    num_streams: int = field(default=0, metadata={"min": 0})
+    num_threads: int = field(default=0, metadata={"min": 0})
+    auto_precisions: tuple[str, ...] = field(
+        default=("bf16", "fp32"), metadata=_choices("bf16", "fp16", "int8", "fp32")
+    )
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,7 @@ class Config:
 
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)

@@ -7,9 +7,13 @@ online, offline and on the command line.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from .base import BaseEngine, EngineOptions
@@ -68,29 +72,81 @@ def make_engine(name: str, model: ResolvedModel, cfg: Config, device: str) -> Ba
     return cls(model, _options(cfg, device, extra))
 
 
-def _drift_gate(cfg: Config, model: ResolvedModel, device: str):
-    """A gate comparing each candidate to the reference backend on the eval set."""
+def _gate_cache_path(cfg: Config, model: ResolvedModel, engine: BaseEngine) -> Path:
+    """Where the verdict for this (model, backend, precision, runtime, CPU, bound) is kept.
+
+    The verdict is deterministic for that tuple, so every replica and actor on a
+    node after the first reads it instead of embedding the eval set again."""
+    from .hardware import cpu_flags, cpu_model_name
+
     val = cfg.validation
-    if not (val.enabled and val.run_on_startup):
+    key = json.dumps(
+        [
+            model.sha256, engine.name, type(engine).__qualname__, engine.precision,
+            engine.model.sha256, repr(engine.normalization), engine.info.runtime,
+            cpu_model_name(), sorted(cpu_flags()),
+            val.reference_backend, val.eval_set_size, val.max_drift_cosine,
+        ],
+        sort_keys=True, default=str,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return cfg.storage.cache_path / "drift-gate" / f"{engine.name}-{engine.precision}-{digest}.json"
+
+
+def _drift_gate(cfg: Config, model: ResolvedModel, device: str):
+    """A gate comparing a candidate engine to the reference backend on the eval set.
+
+    It checks every engine when ``validation.run_on_startup`` is on, and engines
+    computing below fp32 whenever ``validation.gate_reduced_precision`` is on:
+    a bf16 or int8 path must prove on *this* CPU that it stays within
+    ``max_drift_cosine`` before it serves."""
+    val = cfg.validation
+    if not val.enabled or not (val.run_on_startup or val.gate_reduced_precision):
         return None
     cache: dict[str, Any] = {}
 
     def gate(engine: BaseEngine) -> DriftReport | None:
         if engine.name == val.reference_backend and engine.model.sha256 == model.sha256:
             return None  # the reference itself
+        if not val.run_on_startup and engine.precision == "fp32":
+            return None
+        verdict_path = _gate_cache_path(cfg, model, engine)
+        try:
+            return DriftReport(**json.loads(verdict_path.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
         from .sample_faces import eval_faces
 
         if "reference" not in cache:
             ref_cfg = replace(cfg, embedding=replace(cfg.embedding, precision="fp32"))
-            reference = make_engine(val.reference_backend, model, ref_cfg, "cpu")
-            faces = eval_faces(val.eval_set_size)
-            cache["faces"] = faces
-            cache["reference"] = reference
-        return run_embedding_regression_tests(
+            cache["faces"] = eval_faces(val.eval_set_size)
+            cache["reference"] = make_engine(val.reference_backend, model, ref_cfg, "cpu")
+        report = run_embedding_regression_tests(
             cache["faces"], cache["reference"], engine, val.max_drift_cosine
         )
+        try:
+            verdict_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = verdict_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(report.to_dict()))
+            os.replace(tmp, verdict_path)
+        except OSError as exc:  # a read-only cache only costs the next start a re-check
+            logger.warning("could not cache the drift verdict at %s: %s", verdict_path, exc)
+        return report
 
     return gate
+
+
+def with_precision_retries(chain: Sequence[str], precision: str) -> list[str]:
+    """With precision ``auto``, a backend that may pick a reduced precision gets a second
+    entry ``name:fp32``: if the drift gate refuses its bf16, its fp32 is the next best."""
+    if precision != "auto":
+        return list(chain)
+    names: list[str] = []
+    for name in chain:
+        names.append(name)
+        if name in backend_names() and get_backend_class(name).auto_may_reduce_precision:
+            names.append(f"{name}:fp32")
+    return names
 
 
 def load_engine(cfg: Config | None = None, model: ResolvedModel | None = None) -> BaseEngine:
@@ -105,13 +161,14 @@ def load_engine(cfg: Config | None = None, model: ResolvedModel | None = None) -
             endpoint_url=cfg.storage.endpoint_url,
             region=cfg.storage.region,
         )
-    chain = backend_chain(emb.backend, emb.fallback, device)
-    engine, report = start_chain(
-        emb.backend,
-        chain,
-        lambda name: make_engine(name, model, cfg, device),
-        _drift_gate(cfg, model, device),
-    )
+    chain = with_precision_retries(backend_chain(emb.backend, emb.fallback, device), emb.precision)
+
+    def make(entry: str) -> BaseEngine:
+        name, _, precision = entry.partition(":")
+        entry_cfg = cfg if not precision else replace(cfg, embedding=replace(emb, precision=precision))
+        return make_engine(name, model, entry_cfg, device)
+
+    engine, report = start_chain(emb.backend, chain, make, _drift_gate(cfg, model, device))
     engine.fallback_report = report.to_dict()
     return engine
 
@@ -159,7 +216,10 @@ def get_engine(
         emb = replace(emb, max_batch_size=emb.batch_size)
     val = cfg.validation
     if validate_on_startup is not None:
-        val = replace(val, run_on_startup=validate_on_startup)
+        # False: no gate at all, not even for reduced precision (compare and bench measure
+        # drift themselves and must be able to start a path the gate would refuse)
+        val = replace(val, run_on_startup=validate_on_startup,
+                      gate_reduced_precision=val.gate_reduced_precision and validate_on_startup)
     cfg = replace(cfg, embedding=emb, validation=val)
     resolved = model if isinstance(model, ResolvedModel) else None
     return load_engine(cfg, resolved)

@@ -84,6 +84,12 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cpu_has_fp16() -> bool:
+    """Native fp16 arithmetic: AMX-FP16 or AVX512-FP16 (Intel Sapphire Rapids and later)."""
+    flags = cpu_flags()
+    return "amx_fp16" in flags or "avx512_fp16" in flags
+
+
 def cpu_has_int8_dot() -> bool:
     """Native int8 dot products: AMX-INT8, AVX512-VNNI or AVX-VNNI."""
     flags = cpu_flags()
@@ -98,5 +104,6 @@ def cpu_summary() -> dict[str, object]:
         "amx": sorted(f for f in flags if f.startswith("amx")),
         "avx512_bf16": "avx512_bf16" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
+        "avx512_fp16": "avx512_fp16" in flags,
         "avx512f": "avx512f" in flags,
     }
