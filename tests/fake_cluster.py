@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,8 @@ class FakeAutoscalingCluster:
                 [str(ray_bin), "start", "--head", "--block", f"--port={port}",
                  f"--autoscaling-config={config_path}", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
                  f"--object-store-memory={self.head_object_store_mb << 20}", "--include-dashboard=false",
+                 # not the default ports: another Ray on this machine may hold them
+                 f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                  f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
                 env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
@@ -189,6 +192,7 @@ class FakeAutoscalingCluster:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
         proc.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def alive_nodes() -> list[dict[str, Any]]:
