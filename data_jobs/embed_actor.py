@@ -5,10 +5,12 @@ resolved once, in ``__init__``, through the same fallback chain as the online
 service, so a GPU node runs TensorRT and a CPU node the CPU fast path, and each
 row records which backend embedded it. Rows whose decode failed are passed
 through with their error and a zero embedding; only real crops reach the engine.
+``fault`` holds test hooks only: fault injection, and a trace of which node embedded what.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -41,6 +43,7 @@ class EmbedActor:
         }
         self._fault = fault
         self._batches = 0
+        self._record = self._record_file(fault.get("record_dir"))
         logger.info("EmbedActor pid %d ready: %s", os.getpid(), self.meta)
 
     def _maybe_die(self) -> None:
@@ -56,6 +59,24 @@ class EmbedActor:
         logger.warning("fault injection: actor pid %d exits after %d batches", os.getpid(), self._batches)
         os._exit(1)
 
+    @staticmethod
+    def _record_file(record_dir: str | None) -> Path | None:
+        if not record_dir:
+            return None
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        return Path(record_dir) / f"actor-{os.getpid()}.jsonl"
+
+    def _record_batch(self, uids: np.ndarray) -> None:
+        """Tracing for tests (``--record-actors-dir``): one JSON line per batch naming this
+        actor's Ray node and engine, so a test can see which nodes embedded which rows."""
+        import ray
+
+        line = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "backend": self.meta["backend"], "device": self.engine.info.device,
+                "uids": [str(u) for u in uids]}
+        with self._record.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._maybe_die()
         errors = batch["error"]
@@ -67,6 +88,8 @@ class EmbedActor:
             emb, nrm = self.engine.encode_with_norms(batch["crop"][ok])
             embeddings[ok], norms[ok] = emb, nrm
         self._batches += 1
+        if self._record is not None:
+            self._record_batch(batch["uid"][ok])
         out = {k: batch[k] for k in ("uid", "episode_id", "track_id", "frame", "source", "error")}
         out.update(embedding=embeddings, norm=norms)
         for key, value in self.meta.items():

@@ -164,11 +164,13 @@ def run_pipeline(spec: JobSpec, index: InputIndex, pending: pa.Table, output: Lo
         ),
         num_gpus=s.actor_num_gpus,
         num_cpus=s.actor_num_cpus,
+        accelerator_type=s.actor_accelerator_type,
         fn_constructor_kwargs={
             "config_path": cfg.source if cfg.source != "<defaults>" else None,
             "overrides": _engine_overrides(spec),
             "fault": {"kill_after_batches": spec.fault.get("kill_actor_after_batches"),
-                      "marker": spec.fault.get("kill_actor_marker")},
+                      "marker": spec.fault.get("kill_actor_marker"),
+                      "record_dir": spec.fault.get("record_actors_dir")},
         },
     )
     crash_after = spec.fault.get("crash_driver_after_files")
@@ -260,6 +262,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--concurrency", help="actor pool size MIN,MAX (or N)")
     p.add_argument("--batch-size", type=int, help="faces per EmbedActor call")
     p.add_argument("--num-gpus", type=float, help="GPUs per EmbedActor")
+    p.add_argument("--accelerator-type", help="GPU type per EmbedActor (Ray accelerator_type, e.g. A10G)")
     p.add_argument("--compare-inprocess", action="store_true",
                    help="also time the same engine in this process on the same crops")
     p.add_argument("--json", action="store_true", help="print the report as the last line, as JSON")
@@ -267,6 +270,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--inject-kill-actor-after-batches", type=int, help=argparse.SUPPRESS)
     p.add_argument("--inject-kill-actor-marker", help=argparse.SUPPRESS)
     p.add_argument("--inject-crash-driver-after-files", type=int, help=argparse.SUPPRESS)
+    # Tracing, for tests only: each actor appends what it embedded, and on which node, to a file here.
+    p.add_argument("--record-actors-dir", help=argparse.SUPPRESS)
     return p
 
 
@@ -287,11 +292,12 @@ def _parse_concurrency(text: str | None) -> tuple[int | None, int | None]:
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     lo, hi = _parse_concurrency(args.concurrency)
     settings = load_job_settings(args.job_config, actors_min=lo, actors_max=hi, batch_size=args.batch_size,
-                                 actor_num_gpus=args.num_gpus)
+                                 actor_num_gpus=args.num_gpus, actor_accelerator_type=args.accelerator_type)
     fault = {
         "kill_actor_after_batches": args.inject_kill_actor_after_batches,
         "kill_actor_marker": args.inject_kill_actor_marker,
         "crash_driver_after_files": args.inject_crash_driver_after_files,
+        "record_actors_dir": args.record_actors_dir,
     }
     return JobSpec(input=args.input, output=args.output, embedding_config=args.config, backend=args.backend,
                    model=args.model, device=args.device, settings=settings,

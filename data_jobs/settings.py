@@ -21,6 +21,9 @@ class EpisodeJobSettings:
     actors_min: int = field(default=1, metadata={"min": 1})
     actors_max: int = field(default=1, metadata={"min": 1})
     actor_num_gpus: float = field(default=0.0, metadata={"min": 0.0})
+    # GPU type every EmbedActor needs (Ray's accelerator_type, e.g. "A10G", "A100", "H100"):
+    # one GPU family per job means one TensorRT engine build per job. None: any node.
+    actor_accelerator_type: str | None = None
     actor_num_cpus: float = field(default=1.0, metadata={"min": 0.0})
     decode_num_cpus: float = field(default=0.5, metadata={"min": 0.0})
     write_num_cpus: float = field(default=0.25, metadata={"min": 0.0})

@@ -18,16 +18,20 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import numpy as np
 import pytest
 from moto_s3 import aws_env, bucket, s3_endpoint  # noqa: F401  (fixtures: the real S3 API server)
-from support import free_port
+from support import free_port, init_local_ray
 
 from engines.models import ResolvedModel, resolve_model
 from engines.sample_faces import FaceSet, jittered_faces
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip cleanly where there is no CUDA device or no GPU extra."""
+    """Tests on the simulated multi-node cluster run last; GPU tests skip cleanly where
+    there is no CUDA device or no GPU extra."""
     from engines.hardware import has_cuda
 
+    # Stable sort: they take this process's Ray connection for a while (see
+    # support.ray_connection_suspended), so no test that shares the local Ray follows them.
+    items.sort(key=lambda item: "fake_cluster" in getattr(item, "fixturenames", ()))
     if has_cuda():
         return
     skip = pytest.mark.skip(reason="no CUDA device on this host")
@@ -45,15 +49,7 @@ def ray_local():
     import ray
 
     metrics_port = free_port()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=200 << 20,
-        namespace="arcface-tests",
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
-        log_to_driver=False,
-    )
+    init_local_ray(metrics_port)
     yield metrics_port
     try:
         from ray import serve

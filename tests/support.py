@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -10,6 +11,56 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Settings of the session's local Ray (the ``ray_local`` fixture), kept so that a test
+# module that needs another cluster in this process can put it back afterwards.
+_LOCAL_RAY: dict = {}
+
+
+def init_local_ray(metrics_port: int) -> None:
+    """The session's local Ray: 2 CPUs, no dashboard, small object store, metrics every second."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 << 20,
+        namespace="arcface-tests",
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+        log_to_driver=False,
+    )
+    _LOCAL_RAY["metrics_port"] = metrics_port
+
+
+@contextmanager
+def ray_connection_suspended():
+    """Leave this process's Ray (and Serve) for a while, e.g. to drive another cluster.
+
+    A driver holds one connection, so a test on another cluster must first shut the
+    session's local Ray down; afterwards it is started again with the same settings,
+    so ``ray_local`` holds for any test that runs later. (Serve state on the local Ray
+    is not restored: ``tests/conftest.py`` orders the tests that use another cluster last.)
+    """
+    import ray
+
+    was_local = ray.is_initialized() and bool(_LOCAL_RAY)
+    if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    try:
+        yield
+    finally:
+        if ray.is_initialized():
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+        if was_local:
+            init_local_ray(_LOCAL_RAY["metrics_port"])
 
 
 SERVE_MODEL_ARGS = {"model": "synthetic:mobilefacenet", "backend": "onnx"}

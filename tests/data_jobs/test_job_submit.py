@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture()
 def head_node():
     """``ray start --head --block`` on 127.0.0.1 in its own temp dir; stopped by signalling it
-    (``ray stop`` would also stop the test session's other Ray cluster)."""
+    (``ray stop`` would also stop the test session's other Ray cluster). Its dashboard agent
+    and Ray client server get free ports: the defaults (52365, 10001) are taken while the
+    session's local Ray runs, and an agent that cannot bind never registers, so every
+    submission would be refused with "No available agent"."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard = free_port(), free_port()
     ray_bin = Path(sys.executable).with_name("ray")
@@ -32,6 +35,7 @@ def head_node():
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )
