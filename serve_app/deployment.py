@@ -100,7 +100,7 @@ class EmbeddingDeployment:
         self._embed_batch.set_max_batch_size(self._max_batch)
         self._embed_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=count_faces)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=count_faces)
     async def _embed_batch(self, items: list[BatchItem]) -> list[tuple[np.ndarray, np.ndarray]]:
         started = time.perf_counter()
         wait_s = started - min(item.enqueued_at for item in items)

@@ -22,7 +22,7 @@ class BatchingConfig:
     """``user_config`` of the deployment: changed live with ``reconfigure``."""
 
     max_batch_size: int | None = field(default=None, metadata={"min": 1})  # None: engine opt batch
-    batch_wait_timeout_s: float = field(default=0.005, metadata={"min": 0.0, "max": 10.0})
+    batch_wait_timeout_s: float = field(default=0.02, metadata={"min": 0.0, "max": 10.0})
 
 
 @dataclass(frozen=True)
