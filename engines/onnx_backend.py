@@ -17,7 +17,7 @@ import numpy as np
 
 from .base import BaseEngine, EngineOptions
 from .errors import BackendUnavailable, missing_extra
-from .hardware import device_index
+from .hardware import cpu_has_int8_dot, device_index
 from .models import ResolvedModel
 from .precision import CONVERTIBLE, convert_model
 from .registry import register
@@ -196,6 +196,13 @@ class OnnxEngine(BaseEngine):
                     f"{wanted}; it runs fp32 graphs and their {list(CONVERTIBLE)} conversions"
                 )
             self.model = convert_model(self.model, wanted, cache_dir=self.cache_dir)
+        if self.model.precision == "int8" and self.options.device == "cpu" and not cpu_has_int8_dot():
+            # MLAS's AVX2 kernels sum u8 x s8 pairs in saturating int16 (vpmaddubsw): the
+            # drift is several times the quantisation's own; the drift gate will say so.
+            logger.warning(
+                "int8 on a CPU without int8 dot products (VNNI / AMX): ONNX Runtime's AVX2 "
+                "kernels saturate, expect large drift"
+            )
         import onnxruntime as ort
 
         extra = self.options.extra
