@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+EMBED_HELP = "offline job: embed every face of many episodes (Ray Data)"
+
 
 def cmd_embed_episodes(args: argparse.Namespace) -> int:
-    from .embed_episodes import run_from_args
+    """Parse the job's own arguments now: its parser lives in ``embed_episodes``, which imports
+    Ray Data, and only this command may pay for that (see ``_add_embed``)."""
+    from .embed_episodes import build_parser, run_from_args
 
-    return run_from_args(args)
+    parser = build_parser(argparse.ArgumentParser(prog="arcface embed-episodes", description=EMBED_HELP))
+    return run_from_args(parser.parse_args(args.job_args))
 
 
 def cmd_sample_episodes(args: argparse.Namespace) -> int:
@@ -26,10 +31,12 @@ def cmd_sample_episodes(args: argparse.Namespace) -> int:
 
 
 def _add_embed(sub) -> None:
-    from .embed_episodes import build_parser
-
-    p = sub.add_parser("embed-episodes", help="offline job: embed every face of many episodes (Ray Data)")
-    build_parser(p)
+    """A pass-through subparser: every argument (``--help`` included) goes to the job's own parser
+    when the command runs, so building the ``arcface`` parser never imports Ray.
+    (``prefix_chars`` no argument starts with: argparse then takes nothing as an option here.)"""
+    p = sub.add_parser("embed-episodes", help=EMBED_HELP, add_help=False, prefix_chars="\0",
+                       usage="arcface embed-episodes --input IN --output OUT [options] (--help: all)")
+    p.add_argument("job_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def _add_sample(sub) -> None:

@@ -27,9 +27,11 @@ def _column(batch: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
     return value if value is not None else np.full(n, None, dtype=object)
 
 
-def _resolve(path: str, fs: pafs.FileSystem, base: str | None) -> tuple[pafs.FileSystem, str]:
+def _resolve(
+    path: str, fs: pafs.FileSystem, base: str | None, s3: dict[str, str | None] | None = None
+) -> tuple[pafs.FileSystem, str]:
     if path.startswith("s3://"):
-        loc = locate(path)
+        loc = locate(path, **(s3 or {}))  # the configured endpoint: MinIO / moto manifests too
         return loc.fs, loc.path
     if base is not None and not posixpath.isabs(path):
         return fs, posixpath.join(base, path)
@@ -55,9 +57,16 @@ def decode_one(data: bytes | None, kps: Any, where: str) -> np.ndarray:
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem | None = None, base: str | None = None
+    batch: dict[str, np.ndarray],
+    filesystem: pafs.FileSystem | None = None,
+    base: str | None = None,
+    s3: dict[str, str | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``map_batches`` function (numpy format) of the decode/align stage."""
+    """``map_batches`` function (numpy format) of the decode/align stage.
+
+    ``s3`` (``endpoint_url``, ``region``) is how ``s3://`` paths inside a manifest
+    are reached: the same store settings as the job's input and output.
+    """
     n = len(batch["uid"])
     fs = filesystem or pafs.LocalFileSystem()
     paths, images, kps = _column(batch, "path", n), _column(batch, "image", n), _column(batch, "kps", n)
@@ -72,7 +81,7 @@ def decode_batch(
                 data = bytes(images[i])
             elif path is not None:
                 try:
-                    data = read_bytes(*_resolve(str(path), fs, base))
+                    data = read_bytes(*_resolve(str(path), fs, base, s3))
                 except OSError as exc:  # pyarrow's IO errors are OSErrors too
                     raise ValueError(f"cannot read {path}: {exc}") from None
             else:

@@ -35,7 +35,7 @@ from engines.errors import ConfigError, EngineError, ModelResolutionError
 
 from .commit import commit_episode, committed_episodes
 from .settings import EpisodeJobSettings, load_job_settings
-from .sources import InputIndex, discover
+from .sources import InputIndex, discover, make_uid
 from .staging import StagingDatasink, staged_uids
 from .storage import Location, locate
 
@@ -78,13 +78,13 @@ class JobSpec:
 def _ensure_ray(settings: EpisodeJobSettings) -> None:
     import ray
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, object_store_memory=512 << 20)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(include_dashboard=False, object_store_memory=512 << 20)
+    # also when a caller (the demo, a notebook) started Ray: the job's own stall timeout applies
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = settings.execution_no_progress_timeout_s
 
@@ -114,17 +114,23 @@ def _pending_rows(index: InputIndex, done_episodes: set[str], staged: dict[str, 
     return table
 
 
+def _slices(table: pa.Table, rows: int, max_blocks: int = 256) -> list[pa.Table]:
+    """The index cut into blocks of about ``rows`` rows: decode tasks start on the first
+    block at once, where ``repartition`` would first shuffle the whole index."""
+    size = max(rows, -(-table.num_rows // max_blocks))
+    return [table.slice(i, size) for i in range(0, table.num_rows, size)] or [table]
+
+
 def _source_dataset(index: InputIndex, pending: pa.Table, settings: EpisodeJobSettings):
     import ray
 
-    blocks = max(1, min(256, pending.num_rows // settings.decode_batch_size))
     if index.kind == "directory":
-        return ray.data.from_arrow(pending).repartition(blocks), None
+        return ray.data.from_arrow(_slices(pending, settings.decode_batch_size)), None
     base = index.location.path if not index.location.path.endswith(".parquet") else (
         index.location.path.rsplit("/", 1)[0]
     )
     if not index.has_inline_images:
-        return ray.data.from_arrow(pending).repartition(blocks), base
+        return ray.data.from_arrow(_slices(pending, settings.decode_batch_size)), base
     wanted = pa.array(sorted(pending["uid"].to_pylist()))
     ds = ray.data.read_parquet(list(index.manifest_files), filesystem=index.location.fs)
 
@@ -136,6 +142,10 @@ def _source_dataset(index: InputIndex, pending: pa.Table, settings: EpisodeJobSe
         return batch.filter(pc.is_in(uid, wanted))
 
     return ds.map_batches(with_uid, batch_format="pyarrow", num_cpus=settings.decode_num_cpus), base
+
+
+def _s3_settings(cfg) -> dict[str, str | None]:
+    return {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
 
 
 def run_pipeline(spec: JobSpec, index: InputIndex, pending: pa.Table, output: Location, cfg) -> None:
@@ -151,7 +161,7 @@ def run_pipeline(spec: JobSpec, index: InputIndex, pending: pa.Table, output: Lo
         batch_format="numpy",
         batch_size=s.decode_batch_size,
         num_cpus=s.decode_num_cpus,
-        fn_kwargs={"filesystem": index.location.fs, "base": base},
+        fn_kwargs={"filesystem": index.location.fs, "base": base, "s3": _s3_settings(cfg)},
     )
     ds = ds.map_batches(
         EmbedActor,
@@ -237,11 +247,15 @@ def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit
         table = pq.read_table(index.manifest_files[0], filesystem=index.location.fs).slice(0, limit)
     else:
         table = index.table.slice(0, min(limit, index.table.num_rows))
+    if "uid" not in table.column_names:  # a manifest read whole: its rows, not the index's
+        ids = [pc.cast(table[c], pa.string()) for c in ("episode_id", "track_id", "frame")]
+        table = table.append_column("uid", make_uid(*ids))
     columns = {name: np.asarray(table[name].to_pylist(), dtype=object) for name in table.column_names}
     base = None if index.kind == "directory" else index.manifest_files[0].rsplit("/", 1)[0]
-    decoded = decode_batch(columns, index.location.fs, base)
+    cfg = load_config(spec.embedding_config, overrides=_engine_overrides(spec))
+    decoded = decode_batch(columns, index.location.fs, base, _s3_settings(cfg))
     crops = decoded["crop"][np.array([not e for e in decoded["error"]])]
-    engine = load_engine(load_config(spec.embedding_config, overrides=_engine_overrides(spec)))
+    engine = load_engine(cfg)
     engine.encode(crops[:batch_size])
     started = time.perf_counter()
     for i in range(0, len(crops), batch_size):
@@ -323,7 +337,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     report = run_job(spec)
     if args.compare_inprocess and report.rows_processed:
-        index = discover(locate(spec.input))
+        storage = load_config(spec.embedding_config, overrides=_engine_overrides(spec)).storage
+        index = discover(locate(spec.input, storage.endpoint_url, storage.region),
+                         spec.settings.image_extensions)
         report.inprocess_fps = inprocess_reference(spec, index, spec.settings.batch_size)
         if report.inprocess_fps > 0:  # zero where no input decoded: nothing to compare
             report.ratio_to_inprocess = report.faces_per_s / report.inprocess_fps

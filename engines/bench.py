@@ -5,15 +5,22 @@ crash or leak stays contained), and the parent drives them in interleaved
 rounds, one at a time: A, B, A, B, ... On a shared, noisy machine a slow
 minute then hurts every backend alike, which is what makes the speed-up
 ratios meaningful even when absolute numbers wander.
+
+Memory (``peak_mem_mb``, its kind in ``mem_kind``): on the CPU the worker's peak
+resident set (``rss``); on a CUDA device the device memory the worker's engine
+holds (``device``, see ``_DeviceMemory``), measured in the worker itself, with
+CUDA imported only there and only for a GPU engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,7 @@ class BenchResult:
     synthetic: bool = False
     requested_backend: str = ""
     error: str | None = None
+    mem_kind: str = "rss"  # what peak_mem_mb measures: "rss" (host, CPU engines) | "device" (GPU memory)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,36 +82,111 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _device_memory_mb(info: dict) -> float | None:
-    runtime = info.get("runtime") or {}
-    value = runtime.get("device_memory_mb")
-    return float(value) if value is not None else None
+class _DeviceMemory:
+    """Device memory one bench worker's engine holds, in bytes, from device-wide samples.
+
+    ``cudaMemGetInfo`` sees the whole device, not one process, so the worker
+    samples "used" (total - free) around its own work only and adds up the
+    growth: around the engine start (GPU workers start one at a time, under
+    ``_gpu_start_lock``) and around each call the parent drives (the parent
+    drives one worker at a time, so the others are idle meanwhile). That covers
+    weights, TensorRT activation memory, ONNX Runtime's arena growing on the
+    first large batch, I/O buffers. It is what stays allocated after each call,
+    not a peak inside one; it leaves out the CUDA context itself (created by the
+    first sample); another process allocating on the same device meanwhile is
+    counted too, so read it on an otherwise idle GPU.
+    """
+
+    def __init__(self, used_bytes: Callable[[], int]) -> None:
+        self._used_bytes = used_bytes
+        self.held_bytes = 0
+
+    @classmethod
+    def for_device(cls, device: str) -> _DeviceMemory:
+        """Sampler for ``cuda:N`` through ``engines.cuda_rt`` (imported here: CPU runs never load CUDA)."""
+        from . import cuda_rt
+        from .hardware import device_index
+
+        index = device_index(device)
+
+        def used_bytes() -> int:
+            cuda_rt.set_device(index)
+            free, total = cuda_rt.mem_get_info()
+            return total - free
+
+        meter = cls(used_bytes)
+        used_bytes()  # create the context now, so its own memory is not charged to the engine
+        return meter
+
+    @contextlib.contextmanager
+    def measure(self):
+        before = self._used_bytes()
+        try:
+            yield
+        finally:
+            # freed by someone else meanwhile: count nothing rather than a negative amount
+            self.held_bytes += max(0, self._used_bytes() - before)
+
+    @property
+    def held_mb(self) -> float:
+        return self.held_bytes / 2**20
 
 
-def _worker(spec: BenchSpec, conn) -> None:
+def _device_meter(device: str) -> _DeviceMemory | None:
+    """A ``_DeviceMemory`` for a CUDA ``device``; ``None`` on the CPU or where CUDA cannot be asked
+    (then the worker reports its peak RSS instead)."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        return _DeviceMemory.for_device(device)
+    except Exception as exc:  # memory is context for the numbers, never a reason to fail the run
+        logger.warning("cannot measure device memory on %s (%s); reporting peak RSS instead", device, exc)
+        return None
+
+
+_gpu_start_lock_instance = None
+
+
+def _gpu_start_lock(ctx):
+    """One lock per parent process, held by a GPU worker while its engine starts (see ``_DeviceMemory``)."""
+    global _gpu_start_lock_instance
+    if _gpu_start_lock_instance is None:
+        _gpu_start_lock_instance = ctx.Lock()
+    return _gpu_start_lock_instance
+
+
+def _worker(spec: BenchSpec, conn, gpu_start_lock=None) -> None:
     """Child process: start the engine, then run batches whenever the parent asks."""
+    meter: _DeviceMemory | None = None
     try:
         from dataclasses import replace
 
         from .config import load_config
         from .factory import get_engine
+        from .hardware import resolve_device
         from .sample_faces import eval_faces, jittered_faces
 
         cfg = load_config(spec.config_path) if spec.config_path else load_config()
         if not spec.drift_gate:
             cfg = replace(cfg, validation=replace(cfg.validation, enabled=False))
         largest = max(spec.batch_size, spec.max_batch_size or 1)
-        engine = get_engine(
-            spec.backend,
-            spec.model,
-            batch_size=spec.batch_size,
-            max_batch_size=largest,
-            precision=spec.precision,
-            device=spec.device,
-            config=cfg,
-        )
+        device = resolve_device(spec.device or cfg.embedding.device)
+        with gpu_start_lock if device.startswith("cuda") and gpu_start_lock else contextlib.nullcontext():
+            meter = _device_meter(device)
+            with meter.measure() if meter else contextlib.nullcontext():
+                engine = get_engine(
+                    spec.backend,
+                    spec.model,
+                    batch_size=spec.batch_size,
+                    max_batch_size=largest,
+                    precision=spec.precision,
+                    device=device,
+                    config=cfg,
+                )
         pool = jittered_faces(max(largest, 7), seed=123).faces
         info = engine.info.to_dict()
+        if not str(info.get("device", device)).startswith("cuda"):
+            meter = None  # the engine that started computes on the CPU: its memory is host memory
         conn.send(("ready", info))
     except BaseException as exc:  # report, never hang the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -112,32 +195,34 @@ def _worker(spec: BenchSpec, conn) -> None:
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
-            conn.send(("peak", _peak_rss_mb(), _device_memory_mb(info)))
+            conn.send(("peak", _peak_rss_mb(), meter.held_mb if meter else None))
             conn.close()
             return
         try:
-            if msg[0] == "eval":
-                conn.send(("embeddings", engine.encode(eval_faces(msg[1]))))
-                continue
-            _, batches, *size = msg
-            faces = pool[: size[0] if size else spec.batch_size]
-            latencies = []
-            for _ in range(batches):
-                started = time.perf_counter()
-                engine.encode(faces)
-                latencies.append(time.perf_counter() - started)
+            with meter.measure() if meter else contextlib.nullcontext():
+                if msg[0] == "eval":
+                    out = ("embeddings", engine.encode(eval_faces(msg[1])))
+                else:
+                    _, batches, *size = msg
+                    faces = pool[: size[0] if size else spec.batch_size]
+                    latencies = []
+                    for _ in range(batches):
+                        started = time.perf_counter()
+                        engine.encode(faces)
+                        latencies.append(time.perf_counter() - started)
+                    out = ("latencies", latencies)
         except BaseException as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
             conn.close()
             return
-        conn.send(("latencies", latencies))
+        conn.send(out)
 
 
 class _Runner:
     def __init__(self, spec: BenchSpec, ctx) -> None:
         self.spec = spec
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(spec, child), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(spec, child, _gpu_start_lock(ctx)), daemon=True)
         self.proc.start()
         child.close()
         self.info: dict[str, Any] = {}
@@ -192,6 +277,7 @@ class _Runner:
         return msg[1]
 
     def stop(self) -> tuple[float, float | None]:
+        """Stop the worker: ``(peak RSS MB, device MB or None)``; device MB only for a GPU engine."""
         peak, device_mb = float("nan"), None
         if not self.error:
             try:
@@ -280,6 +366,7 @@ def run_benchmark(
                 device=info.get("device", spec.device or "?"),
                 synthetic=bool(info.get("synthetic", False)),
                 error=runner.error,
+                mem_kind="device" if device_mb is not None else "rss",
             )
         )
     base = results[0].throughput_fps if results else 0.0
@@ -300,19 +387,35 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _model_label(r: BenchResult) -> str:
+    return f"{r.model} (SYNTHETIC)" if r.synthetic else r.model
+
+
 def format_table(results: list[BenchResult]) -> str:
+    """The human table: one row per backend, the model on every row, and what the memory
+    column measures (``rss`` host peak or ``device`` GPU memory) next to its value."""
+    width = max([len("model"), *(len(_model_label(r)) for r in results)])
     header = (
-        f"{'backend':<12} {'precision':<9} {'batch':>5} {'faces/s':>9} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'peak MB':>8} {'speedup':>7}"
+        f"{'backend':<12} {'model':<{width}} {'precision':<9} {'batch':>5} {'faces/s':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'peak MB':>7} {'mem':<6} {'speedup':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error:
-            lines.append(f"{r.requested_backend:<12} ERROR: {r.error}")
+            lines.append(f"{r.requested_backend:<12} {_model_label(r):<{width}} ERROR: {r.error}")
             continue
         lines.append(
-            f"{r.backend:<12} {r.precision:<9} {r.batch_size:>5} {r.throughput_fps:>9.1f} "
-            f"{r.latency_ms_p50:>8.1f} {r.latency_ms_p99:>8.1f} {r.peak_mem_mb:>8.0f} "
-            f"{r.speedup:>6.2f}x"
+            f"{r.backend:<12} {_model_label(r):<{width}} {r.precision:<9} {r.batch_size:>5} "
+            f"{r.throughput_fps:>9.1f} {r.latency_ms_p50:>8.1f} {r.latency_ms_p99:>8.1f} "
+            f"{r.peak_mem_mb:>7.0f} {r.mem_kind:<6} {r.speedup:>6.2f}x"
         )
+    if any(r.synthetic for r in results):
+        lines.append("SYNTHETIC: seeded random weights, not a trained face model; the speed is real, "
+                     "the embeddings identify nobody")
+    kinds = {r.mem_kind for r in results if not r.error}
+    if kinds:
+        lines.append("peak MB: " + "; ".join(
+            {"rss": "rss = the worker's peak resident host memory",
+             "device": "device = GPU memory the engine holds (cudaMemGetInfo, CUDA context excluded)"}[k]
+            for k in sorted(kinds)))
     return "\n".join(lines)

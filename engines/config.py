@@ -29,6 +29,8 @@ from .errors import ConfigError
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 DEFAULT_CONFIG_ENV = "ARCFACE_CONFIG"
+# embedding.tensorrt_config default: read from beside the config file when it exists
+DEFAULT_TENSORRT_CONFIG = "arcface_tensorrt.yaml"
 
 BACKEND_NAMES = ("auto", "tensorrt", "onnx", "openvino", "insightface")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
@@ -109,7 +111,7 @@ class EmbeddingConfig:
     max_batch_size: int = field(default=128, metadata={"min": 1})
     workspace_size_mb: int = field(default=2048, metadata={"min": 16})
     fallback: tuple[str, ...] = ("onnx", "insightface")
-    tensorrt_config: str | None = "arcface_tensorrt.yaml"
+    tensorrt_config: str | None = DEFAULT_TENSORRT_CONFIG
 
 
 @dataclass(frozen=True)
@@ -330,12 +332,20 @@ def load_config(
     tree = _read_yaml(path) if path.exists() or path != default_config_path() else {}
     embedding = tree.get("embedding")
     if "tensorrt" not in tree and (embedding is None or isinstance(embedding, dict)):
-        trt_name = (embedding or {}).get("tensorrt_config", "arcface_tensorrt.yaml")
+        trt_name = (embedding or {}).get("tensorrt_config", DEFAULT_TENSORRT_CONFIG)
         if isinstance(trt_name, str) and trt_name:
             trt_path = (path.parent / trt_name) if not Path(trt_name).is_absolute() else Path(trt_name)
             if trt_path.exists():
                 trt_tree = _read_yaml(trt_path)
                 tree["tensorrt"] = trt_tree.get("tensorrt", trt_tree)
+            elif trt_name != DEFAULT_TENSORRT_CONFIG:
+                # only the default name may be absent (a config without TensorRT settings);
+                # a file the config names must exist, or its settings would silently not apply
+                raise ConfigError(
+                    f"{path}: embedding.tensorrt_config names {trt_name!r}, but {trt_path} does not "
+                    f"exist; fix the path, or remove the key to use {DEFAULT_TENSORRT_CONFIG!r} "
+                    "next to the config when present"
+                )
     for keys, value in _env_overrides(environ).items():
         _set_path(tree, keys, value)
     for dotted, value in (overrides or {}).items():

@@ -43,9 +43,17 @@ class ChecksumMismatch(EngineError):
     """
 
 
-def missing_extra(package: str, extra: str, purpose: str) -> BackendUnavailable:
-    """Build the standard "install the extra" error for a lazily imported runtime."""
+def missing_extra(package: str, extra: str | None, purpose: str, also: str = "") -> BackendUnavailable:
+    """Build the standard "install the extra" error for a lazily imported runtime.
+
+    ``extra`` is the pip extra that provides ``package`` (see pyproject.toml); ``None``
+    for a base dependency, whose absence means a broken install, not a missing extra.
+    ``also`` is appended to the hint (e.g. another distribution of the same module).
+    """
+    if extra is None:
+        hint = f"it is a base dependency of arcface-ray; reinstall the project: pip install -e .{also}"
+    else:
+        hint = f"install it with: pip install 'arcface-ray[{extra}]'{also}"
     return BackendUnavailable(
-        f"{purpose} needs the Python package '{package}', which is not installed; "
-        f"install it with: pip install 'arcface-ray[{extra}]'"
+        f"{purpose} needs the Python package '{package}', which is not installed; {hint}"
     )

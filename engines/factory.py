@@ -7,7 +7,9 @@ online, offline and on the command line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ from typing import Any
 from .base import BaseEngine, EngineOptions
 from .config import BACKEND_NAMES, Config, load_config
 from .drift import DriftReport, run_embedding_regression_tests
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, EngineError
 from .fallback import start_chain
 from .hardware import resolve_device
 from .models import ResolvedModel, resolve_model
@@ -72,12 +74,25 @@ def make_engine(name: str, model: ResolvedModel, cfg: Config, device: str) -> Ba
     return cls(model, _options(cfg, device, extra))
 
 
+@functools.lru_cache(maxsize=1)
+def _package_version() -> str:
+    """This project's installed version (``arcface-ray``); ``unknown`` when run from a bare checkout."""
+    try:
+        return importlib.metadata.version("arcface-ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _gate_cache_path(cfg: Config, model: ResolvedModel, engine: BaseEngine) -> Path:
     """Where the verdict for this (model, backend, precision, runtime, CPU, bound) is kept.
 
     The verdict is deterministic for that tuple, so every replica and actor on a
-    node after the first reads it instead of embedding the eval set again."""
+    node after the first reads it instead of embedding the eval set again. The
+    preprocessing version and the package version are part of the key: a change
+    to the numbers fed to the models must be measured again, never hidden behind
+    a "pass" cached by the code before it."""
     from .hardware import cpu_flags, cpu_model_name
+    from .preprocess import PREPROCESSING_VERSION
 
     val = cfg.validation
     key = json.dumps(
@@ -86,11 +101,30 @@ def _gate_cache_path(cfg: Config, model: ResolvedModel, engine: BaseEngine) -> P
             engine.model.sha256, repr(engine.normalization), engine.info.runtime,
             cpu_model_name(), sorted(cpu_flags()),
             val.reference_backend, val.eval_set_size, val.max_drift_cosine,
+            PREPROCESSING_VERSION, _package_version(),
         ],
         sort_keys=True, default=str,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cfg.storage.cache_path / "drift-gate" / f"{engine.name}-{engine.precision}-{digest}.json"
+
+
+def _start_reference(cfg: Config, model: ResolvedModel) -> BaseEngine:
+    """The gate's reference engine (fp32, CPU), started; ``BackendUnavailable`` naming it if it cannot."""
+    backend = cfg.validation.reference_backend
+    ref_cfg = replace(cfg, embedding=replace(cfg.embedding, precision="fp32"))
+    engine: BaseEngine | None = None
+    try:
+        engine = make_engine(backend, model, ref_cfg, "cpu")
+        engine.ensure_ready()
+    except (EngineError, ImportError, OSError, RuntimeError) as exc:
+        if engine is not None:
+            engine.close()
+        raise BackendUnavailable(
+            f"the drift gate's reference backend {backend!r} (validation.reference_backend) "
+            f"cannot start: {type(exc).__name__}: {exc}"
+        ) from exc
+    return engine
 
 
 def _drift_gate(cfg: Config, model: ResolvedModel, device: str):
@@ -118,9 +152,14 @@ def _drift_gate(cfg: Config, model: ResolvedModel, device: str):
         from .sample_faces import eval_faces
 
         if "reference" not in cache:
-            ref_cfg = replace(cfg, embedding=replace(cfg.embedding, precision="fp32"))
+            try:
+                cache["reference"] = _start_reference(cfg, model)
+            except BackendUnavailable as exc:
+                cache["reference"] = exc  # tried once: every later candidate gets the same reason
+        if isinstance(cache["reference"], BackendUnavailable):
+            raise BackendUnavailable(str(cache["reference"])) from cache["reference"].__cause__
+        if "faces" not in cache:
             cache["faces"] = eval_faces(val.eval_set_size)
-            cache["reference"] = make_engine(val.reference_backend, model, ref_cfg, "cpu")
         report = run_embedding_regression_tests(
             cache["faces"], cache["reference"], engine, val.max_drift_cosine
         )

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Attempt:
     backend: str
-    status: str  # selected | unavailable | drift_refused | failed
+    status: str  # selected | unavailable | drift_refused | gate_failed | failed
     reason: str | None = None
     seconds: float = 0.0
     drift: dict[str, Any] | None = None
@@ -72,7 +72,9 @@ def start_chain(
     ``make_engine(name)`` builds (not starts) a backend; ``drift_gate(engine)``
     returns a gated ``DriftReport`` or ``None`` when no check applies.
     Expected failures (``EngineError``, ``ImportError``, ``OSError``,
-    ``RuntimeError``) move on to the next backend; programming errors propagate.
+    ``RuntimeError``) while starting a backend *or* while running its gate (the
+    reference backend may not start) are recorded and move on to the next
+    backend; programming errors propagate. Nothing left: ``ChainExhausted``.
     """
     report = FallbackReport(requested=requested, chain=list(chain))
     for name in chain:
@@ -90,7 +92,15 @@ def start_chain(
                 engine.close()
             continue
         if drift_gate is not None:
-            drift = drift_gate(engine)
+            try:
+                drift = drift_gate(engine)
+            except (EngineError, ImportError, OSError, RuntimeError) as exc:
+                # e.g. the reference backend cannot start: this candidate is unproven, not refused
+                reason = f"drift gate could not run: {type(exc).__name__}: {exc}"
+                report.attempts.append(Attempt(name, "gate_failed", reason, time.perf_counter() - started))
+                logger.warning("backend %s skipped, %s", name, reason)
+                engine.close()
+                continue
             if drift is not None and not drift.passed:
                 reason = f"drift gate refused it: {drift.summary()}"
                 report.attempts.append(

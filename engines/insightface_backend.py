@@ -43,7 +43,7 @@ class InsightFaceEngine(BaseEngine):
 
     def _start(self) -> None:
         if self.availability():
-            raise missing_extra("insightface", "test", "the insightface reference backend")
+            raise missing_extra("insightface", None, "the insightface reference backend")
         if self.options.precision not in ("auto", "fp32") or self.model.precision != "fp32":
             raise BackendUnavailable(
                 "the insightface reference backend runs fp32 graphs only "

@@ -187,7 +187,8 @@ class OnnxEngine(BaseEngine):
 
     def _start(self) -> None:
         if self.availability():
-            raise missing_extra("onnxruntime", "gpu", "the onnx backend")
+            raise missing_extra("onnxruntime", None, "the onnx backend",
+                                also=" (on GPU hosts onnxruntime-gpu from the gpu extra provides it instead)")
         wanted = self.options.precision
         if wanted not in ("auto", self.model.precision):
             if wanted not in CONVERTIBLE or self.model.precision != "fp32":

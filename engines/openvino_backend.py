@@ -133,7 +133,7 @@ class OpenVinoEngine(BaseEngine):
 
     def _start(self) -> None:
         if self.availability():
-            raise missing_extra("openvino", "cpu", "the openvino backend")
+            raise missing_extra("openvino", None, "the openvino backend")
         if self.options.device != "cpu":
             raise BackendUnavailable(
                 f"openvino backend runs on the CPU only, device {self.options.device!r} was asked; "

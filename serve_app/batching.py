@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.base import EmbeddingEngine
+from engines.base import EmbeddingEngine, EngineInfo
 
 
 @dataclass
@@ -38,6 +38,37 @@ def count_faces(items: list) -> int:
         shape = getattr(faces, "shape", None)
         total += int(shape[0]) if shape else 1
     return total
+
+
+def engine_batch_target(info: EngineInfo, config_opt_batch: int) -> tuple[int, str]:
+    """The faces per ``@serve.batch`` batch when ``user_config.max_batch_size`` is null.
+
+    The engine's own optimal batch where it has one: a backend whose runtime
+    reports an optimization profile ``[min, opt, max]`` (``runtime.<name>.io.profile``,
+    e.g. a TensorRT engine, whose profile is read from the plan itself and may
+    differ from the config when the plan came from the cache or another config)
+    is batched to its ``opt``. Otherwise ``config_opt_batch``
+    (``embedding.opt_batch_size``: the batch ONNX Runtime's TensorRT EP profile
+    is built for, and a sane size for the CPU runtimes). Never above the engine's
+    ``max_batch_size``, beyond which it would chunk the batch again.
+    Returns ``(batch, where it came from)`` for logs and ``/v1/info``.
+    """
+    for name, section in sorted((info.runtime or {}).items()):
+        io = section.get("io") if isinstance(section, dict) else None
+        profile = io.get("profile") if isinstance(io, dict) else None
+        if (
+            isinstance(profile, (list, tuple))
+            and len(profile) == 3
+            and all(isinstance(b, int) and not isinstance(b, bool) for b in profile)
+            and 1 <= profile[0] <= profile[1] <= profile[2]
+        ):
+            opt = profile[1]
+            batch = min(opt, info.max_batch_size)
+            source = f"{name} engine profile opt batch ({profile[0]}/{opt}/{profile[2]})"
+            if batch < opt:
+                source += f", capped at the engine's max_batch_size {info.max_batch_size}"
+            return batch, source
+    return max(1, min(config_opt_batch, info.max_batch_size)), "embedding.opt_batch_size"
 
 
 def split_request(faces: np.ndarray, max_batch: int) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,30 +112,125 @@ def decode_base64(text: Any, where: str) -> bytes:
         raise RequestError(400, "bad_base64", f"{where}: invalid base64: {exc}") from None
 
 
+LANDMARK_NAMES = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def parse_landmarks(value: Any, where: str) -> np.ndarray:
-    try:
-        kps = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise RequestError(
-            422, "bad_landmarks", f"{where}: landmarks must be 5 [x, y] pairs of numbers"
-        ) from None
-    if kps.size == 10 and kps.ndim == 1:
-        kps = kps.reshape(5, 2)
-    if kps.shape != (5, 2):
+    """5 ``[x, y]`` pairs (or 10 flat numbers), each a finite number -> ``(5, 2)`` float64.
+
+    Only the structure is checked here (cheap, before the image is decoded);
+    ``check_landmarks`` checks them against the image once its size is known.
+    """
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    points = value
+    if isinstance(points, (list, tuple)) and len(points) == 10 and not any(
+        isinstance(v, (list, tuple)) for v in points
+    ):
+        points = [points[i : i + 2] for i in range(0, 10, 2)]
+    if not (isinstance(points, (list, tuple)) and len(points) == 5):
         raise RequestError(
             422,
             "bad_landmarks",
-            f"{where}: expected 5 landmarks of [x, y] (shape (5, 2)), got shape {kps.shape}",
+            f"{where}: expected 5 landmarks of [x, y] (shape (5, 2)) or 10 numbers, got "
+            f"{_describe_shape(value)}",
         )
-    if not np.isfinite(kps).all():
-        raise RequestError(422, "bad_landmarks", f"{where}: landmarks contain NaN or infinity")
-    return kps
+    for i, point in enumerate(points):
+        if not (isinstance(point, (list, tuple)) and len(point) == 2):
+            raise RequestError(
+                422,
+                "bad_landmarks",
+                f"{where}[{i}] ({LANDMARK_NAMES[i]}) must be an [x, y] pair, got {point!r:.40}",
+            )
+    coords = np.empty((5, 2), np.float64)
+    for i, point in enumerate(points):
+        for j, v in enumerate(point):
+            if not _is_number(v):
+                raise RequestError(
+                    422,
+                    "bad_landmarks",
+                    f"{where}[{i}][{j}] ({LANDMARK_NAMES[i]} {'xy'[j]}) must be a number, "
+                    f"got {type(v).__name__} {v!r:.40}",
+                )
+            try:
+                coords[i, j] = float(v)
+                problem = None if np.isfinite(coords[i, j]) else f"is {v!r}"
+            except OverflowError:  # an integer beyond float range
+                problem = f"is an integer of {len(str(v))} digits"
+            if problem:
+                raise RequestError(
+                    422,
+                    "bad_landmarks",
+                    f"{where}[{i}][{j}] ({LANDMARK_NAMES[i]} {'xy'[j]}) {problem}; "
+                    "landmarks must be finite pixel coordinates (no NaN or infinity)",
+                )
+    return coords
+
+
+def _describe_shape(value: Any) -> str:
+    if not isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} {value!r:.40}"
+    try:
+        return f"shape {np.asarray(value, dtype=object).shape}"
+    except (TypeError, ValueError):  # ragged nesting
+        return f"a ragged {type(value).__name__}"
+
+
+MIN_LANDMARK_SPAN_PX = 1.0
+
+
+def check_landmarks(kps: np.ndarray, image_shape: tuple[int, ...], where: str) -> None:
+    """Refuse landmarks that cannot describe a face in an image of ``image_shape``.
+
+    Three rules, each a client error. Every point lies within the image extended
+    by its own width/height on each side (a face cut by the border has points a
+    little outside; one a whole image size away is no coordinate in it, and huge
+    values would overflow the float32 transform). The face centre (mean of the 5
+    points) lies inside the image (else the crop is black border). The points
+    span at least ``MIN_LANDMARK_SPAN_PX`` (coincident points have no similarity
+    transform; near-coincident ones would blow a sub-pixel patch up to 112x112).
+    """
+    h, w = image_shape[:2]
+    size = f"{w}x{h}"
+    for i, (x, y) in enumerate(kps):
+        if not (-w <= x <= 2 * w and -h <= y <= 2 * h):
+            raise RequestError(
+                422,
+                "bad_landmarks",
+                f"{where}: landmark {i} ({LANDMARK_NAMES[i]}) at ({x:.6g}, {y:.6g}) is far outside "
+                f"the {size} image; landmarks are pixel coordinates in the image they come with",
+            )
+    cx, cy = kps.mean(axis=0)
+    if not (0 <= cx <= w and 0 <= cy <= h):
+        raise RequestError(
+            422,
+            "bad_landmarks",
+            f"{where}: the face centre (mean of the 5 landmarks) at ({cx:.6g}, {cy:.6g}) is outside "
+            f"the {size} image",
+        )
+    span_x, span_y = np.ptp(kps, axis=0)
+    if max(span_x, span_y) < MIN_LANDMARK_SPAN_PX:
+        raise RequestError(
+            422,
+            "bad_landmarks",
+            f"{where}: landmarks are degenerate: the 5 points span only {span_x:.3g} x {span_y:.3g} px "
+            f"(at least {MIN_LANDMARK_SPAN_PX:g} px needed); they must be distinct pixel coordinates, "
+            "not fractions of the image size",
+        )
 
 
 def to_crop(image: np.ndarray, landmarks: np.ndarray | None, where: str) -> np.ndarray:
     """Align on landmarks, or check that ``image`` already is a 112x112 crop."""
     if landmarks is not None:
-        return norm_crop(image, landmarks)
+        check_landmarks(landmarks, image.shape, where)
+        try:
+            return norm_crop(image, landmarks)
+        except ValueError as exc:  # align's own contract: a ValueError names what was wrong
+            raise RequestError(422, "bad_landmarks", f"{where}: {exc}") from None
     if image.shape[:2] != (FACE_SIZE, FACE_SIZE):
         h, w = image.shape[:2]
         raise RequestError(
@@ -149,7 +245,9 @@ def to_crop(image: np.ndarray, landmarks: np.ndarray | None, where: str) -> np.n
 def decode_json_body(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise RequestError(400, "bad_json", "body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # also JSONDecodeError, UnicodeDecodeError, int over 4300 digits
         raise RequestError(400, "bad_json", f"body is not valid JSON: {exc}") from None
 
 
@@ -207,8 +305,8 @@ def decode_face_spec(spec: Any, where: str, limits: Limits) -> tuple[np.ndarray 
         raise RequestError(422, "bad_request", f"{where}: give exactly one of 'image' or 'embedding'")
     if "embedding" in spec:
         try:
-            vec = np.asarray(spec["embedding"], dtype=np.float32)
-        except (TypeError, ValueError):
+            vec = np.asarray(spec["embedding"], dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
             raise RequestError(
                 422, "bad_embedding", f"{where}: embedding must be a list of numbers"
             ) from None

@@ -28,7 +28,14 @@ from ray import serve
 from engines import load_config, load_engine
 from engines.sample_faces import load_tom_hanks
 
-from .batching import BatchItem, BatchStats, count_faces, run_batch, split_request
+from .batching import (
+    BatchItem,
+    BatchStats,
+    count_faces,
+    engine_batch_target,
+    run_batch,
+    split_request,
+)
 from .codec import (
     NPY_MEDIA_TYPE,
     Limits,
@@ -74,16 +81,19 @@ class EmbeddingDeployment:
         self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
         self._decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         self._pending_faces = 0
-        self._default_max_batch = cfg.embedding.opt_batch_size
+        self._default_max_batch, self._default_max_batch_source = engine_batch_target(
+            self.engine_info, cfg.embedding.opt_batch_size
+        )
         self.batching = BatchingConfig()
         self._apply_batching(self.batching)
         self._health_face = load_tom_hanks()[None]
         logger.info(
-            "replica ready: %s / %s / %s, max batch %d faces, auth %s",
+            "replica ready: %s / %s / %s, max batch %d faces (%s), auth %s",
             self.engine_info.backend,
             self.engine_info.precision,
             self.engine_info.model_id,
             self._max_batch,
+            self._max_batch_source,
             "on" if self.auth.enabled else "off",
         )
 
@@ -92,11 +102,14 @@ class EmbeddingDeployment:
         """Live-tune batching (``user_config``) without restarting the replica."""
         self.batching = parse_user_config(user_config)
         self._apply_batching(self.batching)
-        logger.info("batching reconfigured: max %d faces, wait %.4f s", self._max_batch,
-                    self.batching.batch_wait_timeout_s)
+        logger.info("batching reconfigured: max %d faces (%s), wait %.4f s", self._max_batch,
+                    self._max_batch_source, self.batching.batch_wait_timeout_s)
 
     def _apply_batching(self, batching: BatchingConfig) -> None:
-        self._max_batch = batching.max_batch_size or self._default_max_batch
+        if batching.max_batch_size is None:
+            self._max_batch, self._max_batch_source = self._default_max_batch, self._default_max_batch_source
+        else:
+            self._max_batch, self._max_batch_source = batching.max_batch_size, "user_config.max_batch_size"
         self._embed_batch.set_max_batch_size(self._max_batch)
         self._embed_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
@@ -222,8 +235,11 @@ class EmbeddingDeployment:
                     422, "bad_request", "body must be {\"a\": face, \"b\": face, \"threshold\"?}"
                 )
             threshold = payload.get("threshold", self.settings.same_person_threshold)
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-                raise RequestError(422, "bad_request", "'threshold' must be a number in [-1, 1]")
+            is_number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+            if not (is_number and -1 <= threshold <= 1):  # also refuses NaN
+                raise RequestError(
+                    422, "bad_request", f"'threshold' must be a number in [-1, 1], got {threshold!r:.40}"
+                )
             contract = payload.get("contract")
             if contract is not None and contract != self.engine_info.contract:
                 raise RequestError(
@@ -244,7 +260,7 @@ class EmbeddingDeployment:
                 )
         except RequestError as err:
             return self._http_error(err)
-        cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        cosine = float(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))
         return JSONResponse(
             {"cosine": cosine, "same_person": cosine >= float(threshold), "threshold": float(threshold),
              **self._response_fields()}
@@ -273,6 +289,7 @@ class EmbeddingDeployment:
                 "replica": context.replica_id.unique_id,
                 "pid": os.getpid(),
                 "max_batch_size": self._max_batch,
+                "max_batch_size_source": self._max_batch_source,
                 "batch_wait_timeout_s": self.batching.batch_wait_timeout_s,
                 "max_faces_per_request": self.limits.max_faces,
                 "max_body_bytes": self.limits.max_body_bytes,
@@ -330,6 +347,14 @@ class EmbeddingDeployment:
         return pb.HealthResponse(
             status="ok", backend=fields["backend"], model=fields["model"], contract=fields["contract"]
         )
+
+
+def _unit(vec: np.ndarray) -> np.ndarray:
+    """``vec`` at unit norm, in float64 and scaled first: a client's embedding may hold any
+    finite floats, whose squares overflow (float32 from 1.9e19, float64 from 1.4e154)."""
+    vec = vec.astype(np.float64)
+    vec = vec / np.abs(vec).max()
+    return vec / np.linalg.norm(vec)
 
 
 # Serve rewrites the FastAPI routes of the class when `serve.ingress` runs, in

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from data_jobs.embed_episodes import JobSpec, run_job
+from data_jobs.embed_episodes import JobSpec, inprocess_reference, run_job
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
 from data_jobs.sources import discover
@@ -117,6 +118,8 @@ def test_manifest_layout_with_inline_images_and_landmarks(ray_local, sample, eng
         idx.append(by_key[k])
     assert len(idx) == sample.decodable
     assert (got[idx] * engine.encode(np.stack(crops))).sum(1).min() >= 0.99999
+    # --compare-inprocess reads the same manifest whole (inline bytes, paths, corrupt rows)
+    assert inprocess_reference(spec(sample.manifest, out), discover(locate(sample.manifest)), 8) > 0
 
 
 def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sample, tmp_path):
@@ -150,7 +153,7 @@ def test_crashed_driver_resumes_without_loss_or_duplicates(sample, tmp_path):
     assert not list((out / "_staging").rglob("*.parquet"))
 
 
-def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch):
+def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_path):
     import boto3
 
     monkeypatch.setenv("ARCFACE_STORAGE__ENDPOINT_URL", s3_endpoint)
@@ -167,6 +170,19 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch):
     rows = pads.dataset("frames/out/embeddings", filesystem=fs, format="parquet",
                         partitioning="hive").to_table()
     assert_exactly_once(rows, sample)
+
+    # a local manifest whose rows point into the bucket: reached through the same endpoint
+    files = sorted(root.rglob("*.jpg"))
+    parts = [p.relative_to(root).parts for p in files]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({
+        "episode_id": [p[0] for p in parts], "track_id": [p[1] for p in parts],
+        "frame": [p[2].rsplit(".", 1)[0] for p in parts],
+        "path": [f"s3://frames/episodes/{'/'.join(p)}" for p in parts],
+    }), manifest)
+    report = run_job(spec(str(manifest), str(tmp_path / "out-manifest")))
+    assert report.faces == sample.decodable and report.failures == sample.corrupt
+    assert_exactly_once(read_rows(str(tmp_path / "out-manifest")), sample)
 
 
 def test_bad_job_input_exits_2_with_a_message(sample, tmp_path):

@@ -62,6 +62,7 @@ def test_bench_side_by_side_json():
     for r in results:
         assert r["throughput_fps"] > 0 and r["latency_ms_p99"] >= r["latency_ms_p50"] > 0
         assert r["peak_mem_mb"] > 0 and r["error"] is None
+        assert r["mem_kind"] == ("device" if r["device"].startswith("cuda") else "rss")
         assert set(r) >= {"backend", "model", "precision", "batch_size", "throughput_fps",
                           "latency_ms_p50", "latency_ms_p99", "peak_mem_mb", "speedup"}
     assert results[0]["speedup"] == 1.0
@@ -91,3 +92,31 @@ def test_failed_drift_gate_exits_1():
     # max drift -1 demands cosine >= 2: impossible, so the check fails, cleanly
     assert proc.returncode == 1
     assert last_json(proc)["passed"] is False
+
+
+def test_building_the_parser_and_cpu_commands_never_import_ray():
+    # every command used to pay for Ray: the embed-episodes subparser imported the job module,
+    # whose staging sink imports ray.data
+    code = (
+        "import sys\n"
+        "from engines.cli import build_parser, main\n"
+        "parser = build_parser()\n"
+        "args = parser.parse_args(['embed-episodes', '--input', 'in', '--output', 'out'])\n"
+        "assert args.job_args == ['--input', 'in', '--output', 'out'], args\n"
+        "for argv in (['models', 'make', '--help'], ['--help'], ['serve', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert main(['models', 'make', 'synthetic:mobilefacenet', '--json']) == 0\n"
+        "print('RAY-LOADED' if 'ray' in sys.modules else 'RAY-FREE')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "RAY-FREE"
+
+
+def test_embed_episodes_arguments_still_reach_the_job_parser():
+    proc = run_cli("embed-episodes", "--input", "nowhere")
+    assert proc.returncode == 2
+    assert "arcface embed-episodes" in proc.stderr and "--output" in proc.stderr

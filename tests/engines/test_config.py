@@ -100,3 +100,19 @@ def test_bad_environment_override_is_named():
 def test_cli_style_overrides_win_over_env():
     cfg = load_config(environ={"ARCFACE_BACKEND": "onnx"}, overrides={"embedding.backend": "insightface"})
     assert cfg.embedding.backend == "insightface"
+
+
+def test_missing_tensorrt_config_file_is_named(tmp_path):
+    path = _write(tmp_path, {"embedding": {"tensorrt_config": "trt-prod.yaml"}})
+    with pytest.raises(ConfigError, match=r"tensorrt_config names 'trt-prod.yaml'.*does not exist"):
+        load_config(path, environ={})
+
+
+def test_default_tensorrt_config_may_be_absent_but_a_named_one_is_read(tmp_path):
+    # the default name, absent next to the config (explicitly or implicitly): defaults apply
+    for data in ({"embedding": {"backend": "onnx"}},
+                 {"embedding": {"tensorrt_config": "arcface_tensorrt.yaml"}}):
+        assert load_config(_write(tmp_path, data), environ={}).tensorrt.opt_batch_size == 32
+    _write(tmp_path, {"tensorrt": {"opt_batch_size": 16, "max_batch_size": 64}}, name="trt-prod.yaml")
+    cfg = load_config(_write(tmp_path, {"embedding": {"tensorrt_config": "trt-prod.yaml"}}), environ={})
+    assert cfg.tensorrt.opt_batch_size == 16

@@ -37,9 +37,19 @@ def test_unavailable_backend_yields_to_next_with_reason_in_info(mbf_model):
     assert attempts[-1] == {**attempts[-1], "backend": "onnx", "status": "selected"}
 
 
-def test_drift_gate_refuses_a_drifting_backend_and_falls_back(mbf_model):
+def _config(tmp_path, **validation):
+    """The repo config with the cache (drift verdicts) in tmp_path: the gate must measure,
+    not read a verdict an earlier run left in ~/.cache."""
     cfg = load_config()
-    cfg = replace(cfg, validation=replace(cfg.validation, run_on_startup=True, eval_set_size=14))
+    return replace(
+        cfg,
+        storage=replace(cfg.storage, cache_dir=str(tmp_path)),
+        validation=replace(cfg.validation, **validation),
+    )
+
+
+def test_drift_gate_refuses_a_drifting_backend_and_falls_back(mbf_model, tmp_path):
+    cfg = _config(tmp_path, run_on_startup=True, eval_set_size=14)
     gate = _drift_gate(cfg, mbf_model, "cpu")
 
     def make(name):
@@ -53,6 +63,7 @@ def test_drift_gate_refuses_a_drifting_backend_and_falls_back(mbf_model):
     assert first.status == "drift_refused" and "drift gate" in first.reason
     assert first.drift["min_cosine_sim"] < 0.999
     assert second.status == "selected" and second.drift["passed"]
+    assert sorted(p.name for p in (tmp_path / "drift-gate").iterdir())  # measured, then cached here
 
 
 def test_exhausted_chain_lists_every_reason(mbf_model):
@@ -67,3 +78,61 @@ def test_exhausted_chain_lists_every_reason(mbf_model):
 def test_unknown_backend_name_is_a_value_error(mbf_model):
     with pytest.raises(ValueError, match="unknown backend"):
         get_engine("trt", mbf_model)
+
+
+def test_a_gate_that_cannot_run_skips_that_candidate_with_its_reason(mbf_model):
+    def make(name):
+        return make_engine(name, mbf_model, load_config(), "cpu")
+
+    def gate(engine):
+        if engine.name == "onnx":
+            raise BackendUnavailable("reference exploded")
+        return None
+
+    engine, report = start_chain("onnx", ["onnx", "insightface"], make, gate)
+    assert engine.name == "insightface"
+    first, second = report.attempts
+    assert first.backend == "onnx" and first.status == "gate_failed"
+    assert "drift gate could not run" in first.reason and "reference exploded" in first.reason
+    assert second.status == "selected"
+
+
+def test_a_reference_that_cannot_start_exhausts_the_chain_with_a_clear_reason(
+    mbf_model, tmp_path, monkeypatch
+):
+    from engines.insightface_backend import InsightFaceEngine
+
+    monkeypatch.setattr(InsightFaceEngine, "availability", classmethod(lambda cls: "not installed (test)"))
+    cfg = _config(tmp_path, run_on_startup=True, eval_set_size=4, reference_backend="insightface")
+    make = lambda name: make_engine(name, mbf_model, cfg, "cpu")  # noqa: E731
+    with pytest.raises(ChainExhausted) as info:
+        start_chain("onnx", ["onnx", "insightface"], make, _drift_gate(cfg, mbf_model, "cpu"))
+    onnx, insightface = info.value.report.attempts
+    assert onnx.status == "gate_failed"
+    assert "reference backend 'insightface'" in onnx.reason and "pip install -e ." in onnx.reason
+    assert insightface.status == "unavailable"  # the reference itself cannot start either
+    assert "reference backend 'insightface'" in str(info.value)
+    assert not (tmp_path / "drift-gate").exists()  # no verdict is cached for an unmeasured candidate
+
+
+def test_a_preprocessing_or_package_change_is_measured_again_not_read_from_the_cache(
+    mbf_model, tmp_path, monkeypatch
+):
+    import json
+
+    from engines import factory, preprocess
+
+    cfg = _config(tmp_path, run_on_startup=True, eval_set_size=8)
+    gate = _drift_gate(cfg, mbf_model, "cpu")
+    buggy = BgrFeedingEngine(mbf_model, EngineOptions())
+    assert not gate(buggy).passed
+    cached = factory._gate_cache_path(cfg, mbf_model, buggy)
+    forged = {**json.loads(cached.read_text()), "passed": True}
+    cached.write_text(json.dumps(forged))
+    assert gate(buggy).passed  # the same code reads the cached verdict back
+    for patch in (lambda: monkeypatch.setattr(preprocess, "PREPROCESSING_VERSION", "changed-v2"),
+                  lambda: monkeypatch.setattr(factory, "_package_version", lambda: "99.0")):
+        patch()
+        assert factory._gate_cache_path(cfg, mbf_model, buggy) != cached
+        assert not gate(buggy).passed  # new code: measured, so the forged "pass" cannot hide it
+        cached = factory._gate_cache_path(cfg, mbf_model, buggy)

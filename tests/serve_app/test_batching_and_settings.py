@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from engines import get_engine
 from engines.errors import ConfigError
-from serve_app.batching import BatchItem, BatchStats, count_faces, run_batch, split_request
+from serve_app.batching import (
+    BatchItem,
+    BatchStats,
+    count_faces,
+    engine_batch_target,
+    run_batch,
+    split_request,
+)
 from serve_app.settings import TokenAuth, parse_settings, parse_user_config
 
 
@@ -30,6 +39,26 @@ def test_run_batch_splits_results_back_per_item(mbf_model, faces):
     assert [len(e) for e, _ in out] == [3, 1, 6]
     direct = engine.encode(faces[:10])
     np.testing.assert_allclose(np.concatenate([e for e, _ in out]), direct, atol=1e-6)
+
+
+def test_max_batch_comes_from_the_engine_profile(mbf_model):
+    """user_config max_batch_size null: the engine's optimal batch, config only as fallback."""
+    info = get_engine("onnx", mbf_model).info  # real onnx engine: no profile in its runtime info
+    assert info.max_batch_size == 128
+    assert engine_batch_target(info, 32) == (32, "embedding.opt_batch_size")
+    assert engine_batch_target(replace(info, max_batch_size=16), 32)[0] == 16
+    # what the tensorrt backend reports: runtime.tensorrt.io.profile, read from the plan
+    trt = {"tensorrt": {"version": "10.3.0", "io": {"input": "input.1", "profile": [1, 64, 256]}}}
+    batch, source = engine_batch_target(replace(info, backend="tensorrt", runtime=trt), 32)
+    assert batch == 64 and source == "tensorrt engine profile opt batch (1/64/256)"
+    capped = replace(info, backend="tensorrt", runtime=trt, max_batch_size=48)
+    assert engine_batch_target(capped, 32) == (
+        48, "tensorrt engine profile opt batch (1/64/256), capped at the engine's max_batch_size 48")
+    fixed = {"tensorrt": {"io": {"profile": [8, 8, 8]}}}  # a plan built for one batch size
+    assert engine_batch_target(replace(info, runtime=fixed), 32)[0] == 8
+    for bad in ([64, 1, 256], [0, 0, 0], [1, 64], [1, 64.0, 128], "1/64/128", None):
+        broken = {"tensorrt": {"io": {"profile": bad}}}
+        assert engine_batch_target(replace(info, runtime=broken), 32) == (32, "embedding.opt_batch_size")
 
 
 def test_batch_stats_summary():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import cv2
 import numpy as np
@@ -103,9 +104,77 @@ def test_landmark_errors_name_the_item():
         decode_embed_json({"images": [image]}, LIMITS)
 
 
-def test_bad_json_body():
-    with pytest.raises(RequestError) as info:
-        decode_json_body(b"{not json")
+FACE = source_faces()[0]  # a 1280x886 photo and its detector landmarks
+KPS = FACE.landmarks.tolist()
+PIXEL = np.zeros((1, 1, 3), np.uint8)
+
+# (id, landmarks, image, fragment of the message): each reaches norm_crop's ValueError,
+# overflows its float32 transform, or warps nothing but border if not refused first
+BAD_LANDMARKS = [
+    ("identical points", [[50, 50]] * 5, FACE.image, "degenerate: the 5 points span only 0 x 0 px"),
+    ("sub-pixel spread", [[50 + 1e-4 * i, 50] for i in range(5)], FACE.image, "span only 0.0004 x 0 px"),
+    ("fractions", [[0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.8, 0.8]], FACE.image,
+     "not fractions of the image size"),
+    ("nan", [[float("nan"), 1], *KPS[1:]], FACE.image, r"landmarks\[0\]\[0\]\[0\] \(left eye x\) is nan"),
+    ("inf", [*KPS[:2], [1, float("inf")], *KPS[3:]], FACE.image, r"\[2\]\[1\] \(nose tip y\) is inf"),
+    ("int beyond float", [[10**400, 1], *KPS[1:]], FACE.image, "integer of 401 digits"),
+    ("strings", [["a", "b"]] * 5, FACE.image, "must be a number, got str 'a'"),
+    ("bools", [[True, False]] * 5, FACE.image, "must be a number, got bool"),
+    ("null coordinate", [*KPS[:4], [1, None]], FACE.image,
+     r"\(right mouth corner y\) must be a number, got NoneType"),
+    ("object", {"x": 1}, FACE.image, "got dict"),
+    ("short pair", [KPS[0], [3], *KPS[2:]], FACE.image, r"\[1\] \(right eye\) must be an \[x, y\] pair"),
+    ("far outside", [[x + 1e6, y] for x, y in KPS], FACE.image,
+     r"landmark 0 \(left eye\) at \(1.00008e\+06, 332\) is far outside the 1280x886 image"),
+    ("float32 overflow", [[x * 1e30, y * 1e30] for x, y in KPS], FACE.image, "far outside"),
+    ("face beside the image", [[x + 1200, y] for x, y in KPS], FACE.image,
+     r"face centre \(mean of the 5 landmarks\) at \(1319.6, 341\) is outside"),
+    ("1x1 image", KPS, PIXEL, "far outside the 1x1 image"),
+    ("1x1 image, points inside", [[0, 0], [0.9, 0], [0.5, 0.5], [0, 0.9], [0.9, 0.9]], PIXEL,
+     "span only 0.9"),
+]
+
+
+@pytest.mark.parametrize(("landmarks", "image", "fragment"), [c[1:] for c in BAD_LANDMARKS],
+                         ids=[c[0] for c in BAD_LANDMARKS])
+def test_landmarks_that_describe_no_face_are_422(landmarks, image, fragment):
+    decoders = [
+        lambda: decode_embed_json({"images": [_b64(image)], "landmarks": [landmarks]}, LIMITS),
+        lambda: decode_face_spec({"image": _b64(image), "landmarks": landmarks}, "a", LIMITS),
+    ]
+    flat = np.asarray(landmarks, dtype=object).ravel() if isinstance(landmarks, list) else []
+    if len(flat) == 10 and all(isinstance(v, (int, float)) and abs(v) < 1e38 for v in flat):
+        face = pb.Face(image=cv2.imencode(".png", image)[1].tobytes(), landmarks=list(flat))
+        decoders.append(lambda: decode_grpc_faces([face], b"", LIMITS))  # float32 on the wire
+    for decode in decoders:
+        with pytest.raises(RequestError) as info:
+            decode()
+        assert (info.value.status, info.value.reason) == (422, "bad_landmarks")
+        if decode is decoders[0]:
+            assert re.search(fragment, info.value.message), info.value.message
+
+
+def test_landmarks_near_the_border_and_tiny_images_still_align():
+    """A face cut by the border has points just outside the image: still insightface's crop."""
+    shifted = FACE.landmarks - [100, 0]  # left eye at x = -15
+    crops = decode_embed_json({"images": [_b64(FACE.image)], "landmarks": [shifted.tolist()]}, LIMITS)
+    assert np.array_equal(crops[0], norm_crop(FACE.image, shifted))
+    flat = [FACE.landmarks.ravel().tolist()]  # 10 numbers, as gRPC sends them
+    crops = decode_embed_json({"images": [_b64(FACE.image)], "landmarks": flat}, LIMITS)
+    assert np.array_equal(crops[0], norm_crop(FACE.image, FACE.landmarks))
+    spread = [[0, 0], [1, 0], [0.5, 0.5], [0, 1], [1, 1]]  # 1 px apart: tiny but well defined
+    crops = decode_embed_json({"images": [_b64(PIXEL)], "landmarks": [spread]}, LIMITS)
+    assert crops.shape == (1, 112, 112, 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [(b"{not json", "Expecting property name"), (b"[" * 100_000, "nested too deeply"),
+     (b'{"images": ' + b"9" * 5000 + b"}", "4300 digits"), (b"\xff\xfe\x00", "not valid JSON")],
+)
+def test_bad_json_body(body, fragment):
+    with pytest.raises(RequestError, match=fragment) as info:
+        decode_json_body(body)
     assert info.value.reason == "bad_json" and info.value.status == 400
 
 
@@ -119,6 +188,8 @@ def test_compare_specs(faces):
         ({"embedding": [0.0] * 4}, "non-zero"),
         ({"embedding": "x"}, "list of numbers"),
         ({"embedding": [[1.0, 2.0]]}, "flat list"),
+        ({"embedding": [10**400] * 4}, "list of numbers"),
+        ({"embedding": [float("nan")] * 4}, "finite"),
         ({"image": 3}, "base64 string"),
     ]
     for spec, fragment in cases:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -162,6 +163,7 @@ def test_user_config_change_takes_effect_without_restart(serve_endpoints, faces)
             break
         time.sleep(0.5)
     assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (4, 0.02)
+    assert after["max_batch_size_source"] == "user_config.max_batch_size"
     assert (after["replica"], after["pid"]) == (before["replica"], before["pid"]), "replica restarted"
     # the new limit is in force: 10 faces now run as chunks of at most 4
     resp = requests.post(url + "/v1/embed", data=encode_npy(faces[:10]),
@@ -169,6 +171,15 @@ def test_user_config_change_takes_effect_without_restart(serve_endpoints, faces)
     assert resp.status_code == 200
     stats = requests.get(url + "/v1/info", timeout=30).json()["batch_stats"]
     assert stats["recent"]["max_batch_faces"] <= 4
+    # null: back to the engine's optimal batch (the onnx engine has no profile: the config's 32)
+    deploy_from_config("live", {"max_batch_size": None, "batch_wait_timeout_s": 0.02})
+    deadline = time.monotonic() + 60
+    while True:
+        service = requests.get(url + "/v1/info", timeout=30).json()["service"]
+        if service["max_batch_size"] != 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert (service["max_batch_size"], service["max_batch_size_source"]) == (32, "embedding.opt_batch_size")
 
 
 def test_info_health_docs(main_url):
@@ -195,6 +206,10 @@ def test_compare(main_url, engine):
     ).json()
     assert mixed["cosine"] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
     assert mixed["same_person"] is False and mixed["threshold"] == 0.99
+    huge = requests.post(main_url + "/v1/compare", timeout=60, json={  # float32 squares would overflow
+        "a": {"embedding": (emb[0].astype(float) * 1e30).tolist()}, "b": {"embedding": emb[1].tolist()}})
+    assert huge.status_code == 200, huge.text
+    assert huge.json()["cosine"] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
     clash = requests.post(main_url + "/v1/compare", timeout=60, json={
         "a": {"embedding": emb[0].tolist()}, "b": {"embedding": emb[1].tolist()}, "contract": "arcemb-v1-x"})
     assert clash.status_code == 409 and "contract" in clash.json()["error"]["message"]
@@ -206,37 +221,119 @@ def _npy_raw(array) -> bytes:
     return buf.getvalue()
 
 
+def _json_raw(payload) -> dict:
+    """A JSON body as bytes, NaN/Infinity literals included (``requests(json=)`` refuses them)."""
+    return {"data": json.dumps(payload).encode(), "headers": {"content-type": "application/json"}}
+
+
+_PHOTO = source_faces()[0]  # 1280x886, detector landmarks
+_KPS = _PHOTO.landmarks.tolist()
+_PIXEL_PNG = _b64(np.zeros((1, 1, 3), np.uint8))
+
+
+def _with_landmarks(landmarks, image: str | None = None) -> dict:
+    return {"json": {"images": [image or _b64(_PHOTO.image)], "landmarks": [landmarks]}}
+
+
+def _compare_face(landmarks) -> dict:
+    side = {"image": _b64(_PHOTO.image), "landmarks": landmarks}
+    return {"a": side, "b": {"image": _b64(_PHOTO.crop)}}
+
+
+# (id, path, requests kwargs, status, reason)
 BAD_REQUESTS = [
-    ("invalid base64", {"json": {"images": ["%%%"]}}, 400, "bad_base64"),
-    ("not an image", {"json": {"images": [base64.b64encode(b"plain text").decode()]}}, 422, "not_an_image"),
-    ("npy wrong shape", {"data": _npy_raw(np.zeros((2, 50, 50, 3), np.uint8)),
-                         "headers": {"content-type": NPY_MEDIA_TYPE}}, 422, "bad_shape"),
-    ("npy wrong dtype", {"data": _npy_raw(np.zeros((2, 112, 112, 3), np.float64)),
-                         "headers": {"content-type": NPY_MEDIA_TYPE}}, 422, "bad_dtype"),
-    ("npy garbage", {"data": b"\x93NUMPY garbage", "headers": {"content-type": NPY_MEDIA_TYPE}},
+    ("invalid base64", "/v1/embed", {"json": {"images": ["%%%"]}}, 400, "bad_base64"),
+    ("not an image", "/v1/embed", {"json": {"images": [base64.b64encode(b"plain text").decode()]}},
+     422, "not_an_image"),
+    ("npy wrong shape", "/v1/embed", {"data": _npy_raw(np.zeros((2, 50, 50, 3), np.uint8)),
+                                      "headers": {"content-type": NPY_MEDIA_TYPE}}, 422, "bad_shape"),
+    ("npy wrong dtype", "/v1/embed", {"data": _npy_raw(np.zeros((2, 112, 112, 3), np.float64)),
+                                      "headers": {"content-type": NPY_MEDIA_TYPE}}, 422, "bad_dtype"),
+    ("npy garbage", "/v1/embed", {"data": b"\x93NUMPY garbage", "headers": {"content-type": NPY_MEDIA_TYPE}},
      400, "bad_npy"),
-    ("empty image list", {"json": {"images": []}}, 422, "empty"),
-    ("too many faces", {"data": _npy_raw(np.zeros((300, 112, 112, 3), np.uint8)),
-                        "headers": {"content-type": NPY_MEDIA_TYPE}}, 413, "too_many_faces"),
-    ("wrong landmark count", {"json": {"images": [_b64(source_faces()[0].image)],
-                                       "landmarks": [[[1, 2], [3, 4]]]}}, 422, "bad_landmarks"),
-    ("bad json", {"data": b"{oops", "headers": {"content-type": "application/json"}}, 400, "bad_json"),
-    ("wrong media type", {"data": b"x", "headers": {"content-type": "text/plain"}}, 415,
+    ("empty image list", "/v1/embed", {"json": {"images": []}}, 422, "empty"),
+    ("too many faces", "/v1/embed", {"data": _npy_raw(np.zeros((300, 112, 112, 3), np.uint8)),
+                                     "headers": {"content-type": NPY_MEDIA_TYPE}}, 413, "too_many_faces"),
+    ("wrong landmark count", "/v1/embed", _with_landmarks([[1, 2], [3, 4]]), 422, "bad_landmarks"),
+    ("identical landmarks", "/v1/embed", _with_landmarks([[50, 50]] * 5), 422, "bad_landmarks"),
+    ("nan landmark", "/v1/embed", _json_raw(_with_landmarks([[float("nan"), 1], *_KPS[1:]])["json"]),
+     422, "bad_landmarks"),
+    ("infinite landmark", "/v1/embed", _json_raw(_with_landmarks([*_KPS[:4], [1, float("inf")]])["json"]),
+     422, "bad_landmarks"),
+    ("landmark int beyond float", "/v1/embed", _with_landmarks([[10**400, 1], *_KPS[1:]]), 422,
+     "bad_landmarks"),
+    ("non-numeric landmarks", "/v1/embed", _with_landmarks([["a", "b"]] * 5), 422, "bad_landmarks"),
+    ("landmarks far outside", "/v1/embed", _with_landmarks([[x + 1e6, y] for x, y in _KPS]), 422,
+     "bad_landmarks"),
+    ("1x1 image with landmarks", "/v1/embed", _with_landmarks(_KPS, _PIXEL_PNG), 422, "bad_landmarks"),
+    ("body is a list", "/v1/embed", {"json": [_b64(_PHOTO.crop)]}, 422, "bad_request"),
+    ("images not a list", "/v1/embed", {"json": {"images": _b64(_PHOTO.crop)}}, 422, "bad_request"),
+    ("aligned not a bool", "/v1/embed", {"json": {"images": [_b64(_PHOTO.crop)], "aligned": "yes"}},
+     422, "bad_request"),
+    ("bad json", "/v1/embed", {"data": b"{oops", "headers": {"content-type": "application/json"}},
+     400, "bad_json"),
+    ("json nested too deeply", "/v1/embed",
+     {"data": b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400, "bad_json"),
+    ("wrong media type", "/v1/embed", {"data": b"x", "headers": {"content-type": "text/plain"}}, 415,
      "unsupported_media_type"),
+    ("compare: identical landmarks", "/v1/compare", {"json": _compare_face([[50, 50]] * 5)}, 422,
+     "bad_landmarks"),
+    ("compare: nan landmark", "/v1/compare", _json_raw(_compare_face([[float("nan"), 1], *_KPS[1:]])),
+     422, "bad_landmarks"),
+    ("compare: landmarks far outside", "/v1/compare",
+     {"json": _compare_face([[x, y - 1e7] for x, y in _KPS])}, 422, "bad_landmarks"),
+    ("compare: body is a list", "/v1/compare", {"json": [1, 2]}, 422, "bad_request"),
+    ("compare: nan threshold", "/v1/compare",
+     _json_raw({"a": {"embedding": [1.0] * 512}, "b": {"embedding": [1.0] * 512}, "threshold": float("nan")}),
+     422, "bad_request"),
+    ("compare: embedding int beyond float", "/v1/compare",
+     {"json": {"a": {"embedding": [10**400] * 512}, "b": {"embedding": [1.0] * 512}}}, 422, "bad_embedding"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "kwargs", "status", "reason"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+    ("path", "kwargs", "status", "reason"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
 )
-def test_bad_input_gets_a_precise_4xx_and_service_stays_up(main_url, faces, case, kwargs, status, reason):
-    resp = requests.post(main_url + "/v1/embed", timeout=60, **kwargs)
+def test_bad_input_gets_a_precise_4xx_and_service_stays_up(main_url, faces, path, kwargs, status, reason):
+    resp = requests.post(main_url + path, timeout=60, **kwargs)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
-    assert error["reason"] == reason and len(error["message"]) > 10
+    assert (error["status"], error["reason"]) == (status, reason) and len(error["message"]) > 10
     good = requests.post(main_url + "/v1/embed", data=encode_npy(faces[:1]),
                          headers={"content-type": NPY_MEDIA_TYPE}, timeout=60)
     assert good.status_code == 200
+
+
+def _grpc_face(landmarks, image: np.ndarray | None = None) -> pb.Face:
+    image = _PHOTO.image if image is None else image
+    return pb.Face(image=cv2.imencode(".png", image)[1].tobytes(), landmarks=np.ravel(landmarks).tolist())
+
+
+# (id, method, request, fragment of the details); all INVALID_ARGUMENT
+BAD_GRPC = [
+    ("identical landmarks", "Embed", pb.EmbedRequest(face=_grpc_face([[50.0, 50.0]] * 5)), "degenerate"),
+    ("nan landmark", "EmbedBatch",
+     pb.EmbedBatchRequest(faces=[_grpc_face(_KPS), _grpc_face([[float("nan"), 1.0], *_KPS[1:]])]),
+     "faces[1].landmarks[0][0]"),
+    ("infinite landmark", "Embed", pb.EmbedRequest(face=_grpc_face([*_KPS[:4], [1.0, float("inf")]])),
+     "is inf"),
+    ("landmarks far outside", "EmbedBatch",
+     pb.EmbedBatchRequest(faces=[_grpc_face([[x + 1e6, y] for x, y in _KPS])]), "far outside"),
+    ("1x1 image with landmarks", "Embed",
+     pb.EmbedRequest(face=_grpc_face(_KPS, np.zeros((1, 1, 3), np.uint8))), "1x1 image"),
+    ("3 landmark values", "Embed", pb.EmbedRequest(face=_grpc_face([1.0, 2.0, 3.0])), "10 numbers"),
+]
+
+
+@pytest.mark.parametrize(("method", "request_", "fragment"), [c[1:] for c in BAD_GRPC],
+                         ids=[c[0] for c in BAD_GRPC])
+def test_grpc_bad_landmarks_are_invalid_argument(main_url, stub, faces, method, request_, fragment):
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(stub, method)(request_, metadata=GRPC_META, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith("bad_landmarks: ") and fragment in info.value.details()
+    ok = stub.EmbedBatch(pb.EmbedBatchRequest(crops=faces[:1].tobytes()), metadata=GRPC_META, timeout=30)
+    assert len(ok.embeddings) == 1
 
 
 def test_oversized_body_is_refused(serve_endpoints, faces):
