@@ -141,7 +141,10 @@ def _source_dataset(index: InputIndex, pending: pa.Table, settings: EpisodeJobSe
         batch = batch.append_column("uid", uid)
         return batch.filter(pc.is_in(uid, wanted))
 
-    return ds.map_batches(with_uid, batch_format="pyarrow", num_cpus=settings.decode_num_cpus), base
+    ds = ds.map_batches(with_uid, batch_format="pyarrow", num_cpus=settings.decode_num_cpus)
+    # A Parquet row group is one read block (a whole episode, often): split it, streaming,
+    # so decode tasks run side by side and the actors get crops while the rest decodes.
+    return ds.repartition(target_num_rows_per_block=8 * settings.decode_batch_size), base
 
 
 def _s3_settings(cfg) -> dict[str, str | None]:

@@ -96,9 +96,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "convert":
         from .precision import convert_model
 
+        source = model
         model = convert_model(model, args.precision, cache_dir=cfg.storage.cache_dir,
                               calibration_size=args.calibration_size)
     out = model.to_dict()
+    if args.models_cmd == "convert":
+        from .precision import conversion_drift
+
+        drift = conversion_drift(source, model, n_faces=cfg.validation.eval_set_size,
+                                 max_drift=cfg.validation.max_drift_cosine, cache_dir=cfg.storage.cache_dir)
+        out["drift_vs_fp32"] = {k: v for k, v in drift.items() if not k.startswith("histogram")}
     if args.json:
         emit_json(out)
     else:
@@ -107,6 +114,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         gmacs = out.get("gmacs_per_face")
         print(f"GMACs   {gmacs:.3f} per face" if gmacs else "GMACs   unknown")
         print(f"precision {out['precision']}")
+        if "drift_vs_fp32" in out:
+            d = out["drift_vs_fp32"]
+            print(f"drift   vs fp32 on this CPU ({d['n']} faces, {d['measured_with']}): min cosine "
+                  f"{d['min_cosine_sim']:.6f}, mean {d['mean_cosine_sim']:.6f}, "
+                  f"{'within' if d['passed'] else 'OUTSIDE'} max_drift_cosine {d['max_drift']}")
         if out["synthetic"]:
             print("NOTE    synthetic model: seeded random weights, not a trained face model")
     return EXIT_OK

@@ -34,7 +34,7 @@ from .engine_key import BuildSettings, BuildTarget, detect_build_target, engine_
 from .engine_store import S3EngineStore, StoreUnreachable
 from .errors import BackendUnavailable, ChecksumMismatch, EngineBuildError
 from .models import ResolvedModel, cache_root
-from .precision import convert_model
+from .precision import conversion_drift, convert_model
 from .s3 import sha256_file
 from .trt_builder import BuildJob
 
@@ -168,9 +168,26 @@ class _Resolution:
     device_id: int
     trt_cfg: Any
     poll_s: float
+    source: ResolvedModel | None = None
+    max_drift: float = 0.001
     corrupt: set[str] = field(default_factory=set)
 
+    def graph_drift(self) -> dict[str, Any] | None:
+        """The converted graph's drift against the fp32 source, on this CPU, before building."""
+        if self.source is None or self.graph.precision == "fp32" or self.graph.path == self.source.path:
+            return None
+        report = conversion_drift(self.source, self.graph, max_drift=self.max_drift,
+                                  cache_dir=self.trt_cfg.storage.cache_dir)
+        if not report["passed"]:
+            logger.warning(
+                "building %s from a %s graph that drifts from fp32 on the CPU (min cosine %.6f < %.6f); "
+                "the runtime drift gate decides whether it serves", self.key, self.graph.precision,
+                report["min_cosine_sim"], 1.0 - self.max_drift,
+            )
+        return report
+
     def build_here(self) -> CachedEngine:
+        drift = self.graph_drift()
         plan = self.local.plan_path(self.key)
         tmp = plan.with_name(f".{plan.name}.{os.getpid()}.building")
         job = BuildJob(self.key, self.graph.path, self.settings, self.target, tmp,
@@ -181,6 +198,8 @@ class _Resolution:
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise EngineBuildError(f"the build step wrote no plan to {tmp}")
             facts.setdefault("build_seconds", round(time.perf_counter() - started, 3))
+            if drift is not None:
+                facts["graph_drift"] = {k: v for k, v in drift.items() if not k.startswith("histogram")}
             sidecar = make_sidecar(self.key, tmp, self.graph, self.settings, self.target, facts)
             os.replace(tmp, plan)
         finally:
@@ -275,13 +294,17 @@ def get_or_build_engine(
     store: S3EngineStore | None = _FROM_CONFIG,
     device_id: int | None = None,
     poll_interval_s: float | None = None,
+    max_drift: float = 0.001,
 ) -> CachedEngine:
     """A verified local plan for ``model`` built as ``trt_cfg`` (a ``TensorRTConfig``) says.
 
     ``model`` is converted to ``trt_cfg.precision`` first (the key hashes the
     graph actually built). ``target`` defaults to detection on
     ``device_id`` (default ``trt_cfg.device_id``); ``store`` defaults to the
-    one ``trt_cfg.storage`` describes (``None``: local only).
+    one ``trt_cfg.storage`` describes (``None``: local only). Before a reduced
+    precision graph is built here, its drift against ``model`` is measured on
+    the CPU (``precision.conversion_drift``, bound ``max_drift``) and recorded in
+    the sidecar (``build.graph_drift``); serving is the runtime drift gate's call.
     """
     device_id = trt_cfg.device_id if device_id is None else device_id
     storage = trt_cfg.storage
@@ -296,7 +319,8 @@ def get_or_build_engine(
     if build is None:
         from .trt_builder import build_plan as build
     poll = poll_interval_s or min(5.0, max(0.2, trt_cfg.lock_ttl_s / 10))
-    res = _Resolution(key, graph, settings, target, local, build, device_id, trt_cfg, poll)
+    res = _Resolution(key, graph, settings, target, local, build, device_id, trt_cfg, poll,
+                      source=model, max_drift=max_drift)
     from filelock import Timeout
 
     try:

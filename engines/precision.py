@@ -26,6 +26,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -200,3 +201,70 @@ def convert_model(
                 finally:
                     tmp.unlink(missing_ok=True)
     return model.derived(dest, file_sha256(dest), precision)
+
+
+def conversion_drift(
+    source: ResolvedModel,
+    converted: ResolvedModel,
+    n_faces: int = 32,
+    max_drift: float = 0.001,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Drift of ``converted`` against its fp32 ``source``, measured on this CPU with ONNX Runtime.
+
+    This is the check a converted graph gets *before* any engine is built from it
+    (a TensorRT build takes minutes; a graph that drifts is cheaper to catch here).
+    Both graphs run on ONNX Runtime's CPU provider on the eval faces; the report is
+    cached beside the converted graph, keyed by both sha256s, the face count, the
+    ONNX Runtime version and the CPU, because the figures are deterministic for them.
+    On a CPU without int8 dot products ONNX Runtime's int8 kernels saturate, so an
+    int8 graph reads worse here than it runs on a GPU; ``int8_dot_product`` says which.
+    """
+    import hashlib
+    import json
+
+    import onnxruntime as ort
+
+    from .drift import compare_embeddings
+    from .hardware import cpu_flags, cpu_has_int8_dot, cpu_model_name
+    from .preprocess import l2_normalize, to_blob
+    from .sample_faces import eval_faces
+
+    key = json.dumps([source.sha256, converted.sha256, n_faces, ort.__version__, cpu_model_name(),
+                      sorted(cpu_flags())])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = cache_root(cache_dir) / "models" / "converted"
+    cached = folder / f"{Path(converted.path).stem}.drift-{digest}.json"
+    if cached.is_file():
+        try:
+            report = json.loads(cached.read_text())
+            report["passed"] = report["min_cosine_sim"] >= 1.0 - max_drift
+            report["max_drift"] = max_drift
+            return report
+        except (OSError, ValueError, KeyError):
+            pass
+    blob = to_blob(eval_faces(n_faces), source.normalization)
+
+    def embed(path: str) -> np.ndarray:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return l2_normalize(session.run(None, {session.get_inputs()[0].name: blob})[0])[0]
+
+    drift = compare_embeddings(embed(source.path), embed(converted.path)).gate(max_drift)
+    report = {
+        **drift.to_dict(),
+        "measured_with": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "cpu": cpu_model_name(),
+        "int8_dot_product": cpu_has_int8_dot(),
+        "source_sha256": source.sha256,
+        "graph_sha256": converted.sha256,
+        "precision": converted.precision,
+    }
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, cached)
+    logger.info(
+        "%s %s graph vs fp32 on this CPU (%d faces): min cosine %.6f, mean %.6f, %s",
+        source.model_id, converted.precision, n_faces, report["min_cosine_sim"],
+        report["mean_cosine_sim"], "within" if report["passed"] else "OUTSIDE",
+    )
+    return report

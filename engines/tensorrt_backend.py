@@ -91,7 +91,9 @@ class TensorRTEngine(BaseEngine):
         trt_cfg = self._trt_config()
         device_id = device_index(self.options.device)
         try:
-            entry = get_or_build_engine(self.model, trt_cfg, device_id=device_id)
+            cfg = self.options.extra.get("config")
+            max_drift = cfg.validation.max_drift_cosine if cfg is not None else 0.001
+            entry = get_or_build_engine(self.model, trt_cfg, device_id=device_id, max_drift=max_drift)
             self.model = entry.graph or self.model
             runner = TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))
         except (AttributeError, TypeError) as exc:

@@ -61,9 +61,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     model = resolve_model(ref, cache_dir=cfg.storage.cache_dir, endpoint_url=cfg.storage.endpoint_url,
                           region=cfg.storage.region)
     trt_cfg = replace(cfg.tensorrt, build_locally=True)  # this command exists to build
-    entry = get_or_build_engine(model, trt_cfg)
+    entry = get_or_build_engine(model, trt_cfg, max_drift=cfg.validation.max_drift_cosine)
     out = {"key": entry.key, "path": str(entry.path), "source": entry.source,
            "sha256": entry.sidecar["sha256"], "sidecar": entry.sidecar}
+    drift = (entry.sidecar.get("build") or {}).get("graph_drift")
     if args.json:
         _cli().emit_json(out)
     else:
@@ -71,6 +72,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"path    {entry.path}")
         print(f"source  {entry.source} (built | local cache | s3)")
         print(f"sha256  {entry.sidecar['sha256']}")
+        if drift:
+            print(f"drift   {entry.sidecar['precision']} graph vs fp32 on the CPU before the build: "
+                  f"min cosine {drift['min_cosine_sim']:.6f}, mean {drift['mean_cosine_sim']:.6f} "
+                  f"({'within' if drift['passed'] else 'OUTSIDE'} the {drift['max_drift']} bound)")
     return EXIT_OK
 
 

@@ -81,6 +81,34 @@ def test_key_hashes_the_converted_graph_that_is_built(mbf_model, tmp_path):
     assert entry.graph.sha256 == fp16.sha256 and entry.graph.precision == "fp16"
     assert entry.sidecar["graph_sha256"] == fp16.sha256
     assert entry.sidecar["source_sha256"] == mbf_model.sha256
+    # measured on the CPU before the build, recorded with the plan
+    drift = entry.sidecar["build"]["graph_drift"]
+    assert drift["graph_sha256"] == fp16.sha256 and drift["source_sha256"] == mbf_model.sha256
+    assert drift["passed"] and 0.999 <= drift["min_cosine_sim"] <= drift["mean_cosine_sim"] <= 1.0
+
+
+def test_int8_graph_drift_is_measured_before_its_build_and_recorded(mbf_model, tmp_path, caplog):
+    cfg = replace(trt_config(tmp_path), precision="int8")
+    order: list[str] = []
+
+    class Build(CountingBuild):
+        def __call__(self, job) -> dict:
+            drift_files = list((tmp_path / "host" / "models" / "converted").glob("*int8*.drift-*.json"))
+            order.append(f"build after {len(drift_files)} drift report(s)")
+            return super().__call__(job)
+
+    with caplog.at_level(logging.WARNING, logger="engines.engine_cache"):
+        entry = get_or_build_engine(mbf_model, cfg, target=TARGET, build=Build())
+    assert order == ["build after 1 drift report(s)"]
+    drift = entry.sidecar["build"]["graph_drift"]
+    assert drift["precision"] == "int8" and drift["max_drift"] == 0.001
+    # full int8 on these networks is far outside the bound (see README "Performance"): built, warned
+    assert not drift["passed"] and "drifts from fp32" in caplog.text
+
+
+def test_fp32_build_has_no_conversion_drift(mbf_model, tmp_path):
+    entry = get_or_build_engine(mbf_model, trt_config(tmp_path), target=TARGET, build=CountingBuild())
+    assert "graph_drift" not in entry.sidecar["build"]
 
 
 def test_local_cache_builds_once_then_hits(mbf_model, tmp_path):

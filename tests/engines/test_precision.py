@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -105,3 +106,18 @@ def test_int8_iresnet50_drift_is_reported():
         # own (min cosine 0.986 on Zen 4). Without them ONNX Runtime's AVX2 kernels sum
         # u8 x s8 pairs in saturating int16 (vpmaddubsw): 0.80 on Zen 3, so no bound there.
         assert out["min_cosine_sim"] > 0.9
+
+
+def test_models_convert_reports_the_graphs_drift_against_fp32(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "engines", "models", "convert", "synthetic:mobilefacenet",
+         "--precision", "fp16", "--json"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "ARCFACE_CACHE_DIR": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    drift = out["drift_vs_fp32"]
+    assert out["precision"] == "fp16" and drift["graph_sha256"] == out["sha256"]
+    assert drift["passed"] and drift["min_cosine_sim"] >= 0.999 and drift["n"] == 32
+    assert list((tmp_path / "models" / "converted").glob("*fp16.drift-*.json"))  # cached for the build
