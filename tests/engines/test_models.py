@@ -80,3 +80,20 @@ def test_mxnet_style_graph_is_detected(tmp_path):
     path = tmp_path / "mx.onnx"
     onnx.save(helper.make_model(graph), str(path))
     assert resolve_model(str(path)).normalization == MXNET_IN_GRAPH
+
+
+def test_s3_model_is_downloaded_once_through_the_configured_endpoint(mbf_model, s3_endpoint, bucket,
+                                                                     tmp_path):
+    from engines.s3 import make_client
+
+    client = make_client(s3_endpoint)
+    client.upload_file(mbf_model.path, bucket, "models/w600k_mbf.onnx")
+    ref = f"s3://{bucket}/models/w600k_mbf.onnx"
+    model = resolve_model(ref, cache_dir=str(tmp_path), endpoint_url=s3_endpoint)
+    assert (model.source, model.model_id, model.sha256) == ("s3", "w600k_mbf", mbf_model.sha256)
+    assert model.path.startswith(str(tmp_path))
+    client.delete_object(Bucket=bucket, Key="models/w600k_mbf.onnx")
+    again = resolve_model(ref, cache_dir=str(tmp_path), endpoint_url=s3_endpoint)  # from the cache
+    assert again.path == model.path and again.sha256 == model.sha256
+    with pytest.raises(ModelResolutionError, match="cannot fetch model"):
+        resolve_model(f"s3://{bucket}/models/absent.onnx", cache_dir=str(tmp_path), endpoint_url=s3_endpoint)
