@@ -20,9 +20,21 @@ install: $(STAMP)
 # Keep ORT_GPU_VERSION equal to the onnxruntime-gpu pin in pyproject.toml. Run it again
 # after any other pip install into .venv (see README "GPU install").
 ORT_GPU_VERSION := 1.31.1
-.PHONY: install-gpu
+CUDA_PYTHON_VERSION := 13.4.4
+.PHONY: install-gpu install-cuda
 install-gpu: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[gpu,test]'
+	$(MAKE) --no-print-directory _ort-gpu
+
+# GPU hosts where TensorRT cannot be installed: cuda-python and onnxruntime-gpu only (the
+# CUDA EP, the cuda-python GPU tests, device memory in benchmarks; the tensorrt backend
+# then falls back). Keep CUDA_PYTHON_VERSION equal to the cuda-python pin in pyproject.toml.
+install-cuda: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check cuda-python==$(CUDA_PYTHON_VERSION)
+	$(MAKE) --no-print-directory _ort-gpu
+
+.PHONY: _ort-gpu
+_ort-gpu:
 	$(BIN)/python -m pip uninstall --quiet -y onnxruntime
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
 		onnxruntime-gpu==$(ORT_GPU_VERSION)
