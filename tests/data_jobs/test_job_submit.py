@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.dataset as pads
 import pytest
@@ -21,9 +24,17 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
+@dataclass
+class HeadNode:
+    client: Any  # JobSubmissionClient with the cluster's token
+    address: str  # the dashboard's HTTP address
+
+
 @pytest.fixture()
 def head_node():
-    """``ray start --head --block`` on 127.0.0.1 in its own temp dir; stopped by signalling it
+    """``ray start --head --block`` on 127.0.0.1 in its own temp dir, with token authentication
+    on (what new clusters default to; the test session itself runs with it off), and a
+    JobSubmissionClient that presents the token; stopped by signalling it
     (``ray stop`` would also stop the test session's other Ray cluster). Its dashboard agent
     and Ray client server get free ports: the defaults (52365, 10001) are taken while the
     session's local Ray runs, and an agent that cannot bind never registers, so every
@@ -31,7 +42,8 @@ def head_node():
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard = free_port(), free_port()
     ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -46,7 +58,7 @@ def head_node():
     client = None
     while time.monotonic() < deadline:
         try:
-            client = JobSubmissionClient(address)
+            client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
             client.list_jobs()
             break
         except Exception:
@@ -55,7 +67,7 @@ def head_node():
     if client is None:
         os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail("the Ray head node's dashboard did not come up")
-    yield client
+    yield HeadNode(client, address)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=60)
@@ -78,7 +90,16 @@ def _submit_when_an_agent_is_up(client, timeout_s: float = 120.0, **job) -> str:
 
 
 def test_job_submission_client_runs_the_episode_job(head_node, tmp_path):
+    """Submitted with the cluster's token, the job's driver joins the token-auth cluster on its
+    own (it inherits the credentials) and runs to the end; without the token, nothing runs."""
+    import requests
     from ray.job_submission import JobStatus
+
+    refused = requests.get(f"{head_node.address}/api/jobs/", timeout=30)
+    assert refused.status_code == 401, refused.text
+    wrong = requests.get(f"{head_node.address}/api/jobs/", timeout=30,
+                         headers={"Authorization": "Bearer " + "0" * 64})
+    assert wrong.status_code == 403, wrong.text
 
     sample = make_sample_episodes(tmp_path / "data", episodes=2, tracks=2, frames=3, corrupt=1)
     out = tmp_path / "out"
@@ -87,17 +108,17 @@ def test_job_submission_client_runs_the_episode_job(head_node, tmp_path):
         "--backend onnx --model synthetic:mobilefacenet --json"
     )
     job_id = _submit_when_an_agent_is_up(
-        head_node,
+        head_node.client,
         entrypoint=entrypoint,
         runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
     )
     deadline = time.monotonic() + 420
-    status = head_node.get_job_status(job_id)
+    status = head_node.client.get_job_status(job_id)
     while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline, f"job still {status}"
         time.sleep(2)
-        status = head_node.get_job_status(job_id)
-    logs = head_node.get_job_logs(job_id)
+        status = head_node.client.get_job_status(job_id)
+    logs = head_node.client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert '"faces": 12' in logs and '"failures": 1' in logs
     rows = pads.dataset(out / "embeddings", format="parquet", partitioning="hive").to_table()
