@@ -46,6 +46,8 @@ class Limits:
 
     max_faces: int = 256
     max_body_bytes: int = 16 << 20
+    # decoded size: a few KB of PNG can declare a gigapixel image (a decompression bomb)
+    max_image_pixels: int = 40_000_000
 
 
 def check_face_count(n: int, limits: Limits) -> None:
@@ -89,10 +91,38 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
-    """Encoded JPEG/PNG (or a raw 112x112x3 crop) -> BGR uint8 image."""
+def _declared_pixels(data: bytes) -> tuple[int, bool] | None:
+    """``(width x height, exact)`` from the image header (no pixel is decoded); ``None`` if
+    Pillow cannot read it. Beyond Pillow's own bomb ceiling it refuses to say the size:
+    then the ceiling is returned as a lower bound (``exact`` False)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
+            width, height = im.size
+    except Image.DecompressionBombError:
+        return 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1, False
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None  # not an image Pillow knows: cv2 decides, with its own 1 GP ceiling
+    return width * height, True
+
+
+def decode_image_bytes(data: bytes, where: str, max_pixels: int = Limits.max_image_pixels) -> np.ndarray:
+    """Encoded JPEG/PNG (or a raw 112x112x3 crop) -> BGR uint8 image.
+
+    The header's declared size is checked first: decoding allocates width x height x 3
+    bytes whatever the body size, so the body limit alone does not bound memory.
+    """
     if len(data) == RAW_CROP_BYTES and not data.startswith((b"\x89PNG", b"\xff\xd8")):
         return np.frombuffer(data, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3).copy()
+    declared = _declared_pixels(data) if data else None
+    if declared is not None and declared[0] > max_pixels:
+        pixels, exact = declared
+        raise RequestError(
+            413, "image_too_large",
+            f"{where}: the image declares {'' if exact else 'more than '}{pixels:,} pixels; at most "
+            f"{max_pixels:,} are decoded (max_image_megapixels)",
+        )
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         raise RequestError(
@@ -289,7 +319,7 @@ def decode_embed_json(payload: Any, limits: Limits) -> np.ndarray:
         where = f"images[{i}]"
         # cheap structural checks before the (expensive) image decode
         kps = parse_landmarks(landmarks[i], f"landmarks[{i}]") if landmarks is not None else None
-        image = decode_image_bytes(decode_base64(text, where), where)
+        image = decode_image_bytes(decode_base64(text, where), where, limits.max_image_pixels)
         crops[i] = to_crop(image, kps, where)
     return crops
 
@@ -317,7 +347,7 @@ def decode_face_spec(spec: Any, where: str, limits: Limits) -> tuple[np.ndarray 
         if not np.isfinite(vec).all() or not np.linalg.norm(vec) > 0:
             raise RequestError(422, "bad_embedding", f"{where}: embedding must be finite and non-zero")
         return None, vec
-    image = decode_image_bytes(decode_base64(spec["image"], where), where)
+    image = decode_image_bytes(decode_base64(spec["image"], where), where, limits.max_image_pixels)
     kps = parse_landmarks(spec["landmarks"], f"{where}.landmarks") if "landmarks" in spec else None
     return to_crop(image, kps, where), None
 
@@ -341,7 +371,7 @@ def decode_grpc_faces(faces: list, crops: bytes, limits: Limits) -> np.ndarray:
     out = np.empty((len(faces), FACE_SIZE, FACE_SIZE, 3), np.uint8)
     for i, face in enumerate(faces):
         where = f"faces[{i}]"
-        image = decode_image_bytes(face.image, where)
+        image = decode_image_bytes(face.image, where, limits.max_image_pixels)
         kps = parse_landmarks(list(face.landmarks), f"{where}.landmarks") if face.landmarks else None
         out[i] = to_crop(image, kps, where)
     return out

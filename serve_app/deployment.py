@@ -72,6 +72,7 @@ class EmbeddingDeployment:
         self.limits = Limits(
             max_faces=self.settings.max_faces_per_request,
             max_body_bytes=int(self.settings.max_body_mb * (1 << 20)),
+            max_image_pixels=int(self.settings.max_image_megapixels * 1e6),
         )
         self.auth = TokenAuth.from_settings(self.settings)
         self.stats = BatchStats()
@@ -293,6 +294,7 @@ class EmbeddingDeployment:
                 "batch_wait_timeout_s": self.batching.batch_wait_timeout_s,
                 "max_faces_per_request": self.limits.max_faces,
                 "max_body_bytes": self.limits.max_body_bytes,
+                "max_image_pixels": self.limits.max_image_pixels,
                 "max_pending_faces": self.settings.max_pending_faces,
                 "pending_faces": self._pending_faces,
                 "auth": self.auth.enabled,

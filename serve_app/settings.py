@@ -34,6 +34,7 @@ class ServeAppSettings:
     backend: str | None = None
     max_faces_per_request: int = field(default=256, metadata={"min": 1})
     max_body_mb: float = field(default=16.0, metadata={"min": 0.001})
+    max_image_megapixels: float = field(default=40.0, metadata={"min": 0.0126})  # >= one 112x112 crop
     max_pending_faces: int = field(default=4096, metadata={"min": 1})
     same_person_threshold: float = field(default=0.4, metadata={"min": -1.0, "max": 1.0})
     auth_token_env: str = "ARCFACE_SERVE_TOKEN"

@@ -108,3 +108,18 @@ def deploy_from_config(name: str, user_config: dict, args: dict | None = None) -
             return
         time.sleep(0.5)
     raise TimeoutError(f"application {name} not RUNNING: {serve.status().applications.get(name)}")
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A small, well-formed PNG whose header declares ``width`` x ``height`` RGB pixels: what a
+    decompression bomb looks like to a decoder (its pixel data is cut short; the header is
+    what a size check must read before anything allocates width x height x 3 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    rows = zlib.compress(b"\x00" * (1 + 3 * min(width, 4096)) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")

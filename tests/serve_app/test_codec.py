@@ -206,3 +206,25 @@ def test_grpc_inputs(faces):
         decode_grpc_faces([], b"abc", LIMITS)
     with pytest.raises(RequestError, match="not both"):
         decode_grpc_faces(encoded, faces[:1].tobytes(), LIMITS)
+
+
+def test_declared_image_size_is_checked_before_decoding():
+    from support import png_bomb
+
+    from serve_app.codec import decode_image_bytes
+
+    bomb = png_bomb(6000, 6000)  # 36 MP, 108 MB decoded, about 200 bytes here
+    assert len(bomb) < 1000
+    with pytest.raises(RequestError) as info:
+        decode_embed_json({"images": [base64.b64encode(bomb).decode()], "aligned": True},
+                          Limits(max_image_pixels=20_000_000))
+    assert (info.value.status, info.value.reason) == (413, "image_too_large")
+    assert "declares 36,000,000 pixels" in str(info.value)
+    with pytest.raises(RequestError, match="declares more than"):
+        decode_image_bytes(png_bomb(200_000, 200_000), "x")  # beyond Pillow's own ceiling too
+    small = Limits(max_image_pixels=100 * 100)
+    with pytest.raises(RequestError, match="declares 12,544 pixels"):
+        decode_image_bytes(base64.b64decode(_b64(np.zeros((112, 112, 3), np.uint8))), "x",
+                           small.max_image_pixels)
+    assert decode_image_bytes(base64.b64decode(_b64(np.zeros((112, 112, 3), np.uint8))), "x").shape == (
+        112, 112, 3)

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from support import deploy, deploy_from_config
+from support import deploy, deploy_from_config, png_bomb
 
 from engines import get_engine
 from engines.align import norm_crop
@@ -252,6 +252,9 @@ BAD_REQUESTS = [
     ("npy garbage", "/v1/embed", {"data": b"\x93NUMPY garbage", "headers": {"content-type": NPY_MEDIA_TYPE}},
      400, "bad_npy"),
     ("empty image list", "/v1/embed", {"json": {"images": []}}, 422, "empty"),
+    ("decompression bomb", "/v1/embed",
+     {"json": {"images": [base64.b64encode(png_bomb(30000, 30000)).decode()], "aligned": True}},
+     413, "image_too_large"),
     ("too many faces", "/v1/embed", {"data": _npy_raw(np.zeros((300, 112, 112, 3), np.uint8)),
                                      "headers": {"content-type": NPY_MEDIA_TYPE}}, 413, "too_many_faces"),
     ("wrong landmark count", "/v1/embed", _with_landmarks([[1, 2], [3, 4]]), 422, "bad_landmarks"),
