@@ -238,7 +238,8 @@ def run_job(spec: JobSpec) -> JobReport:
     )
 
 
-def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit: int = 2048) -> float:
+def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit: int = 2048,
+                        cfg=None) -> float:
     """The same engine in this process on the same (decoded) crops: faces/s of encode alone."""
     from engines import load_engine
 
@@ -255,7 +256,7 @@ def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit
         table = table.append_column("uid", make_uid(*ids))
     columns = {name: np.asarray(table[name].to_pylist(), dtype=object) for name in table.column_names}
     base = None if index.kind == "directory" else index.manifest_files[0].rsplit("/", 1)[0]
-    cfg = load_config(spec.embedding_config, overrides=_engine_overrides(spec))
+    cfg = cfg or load_config(spec.embedding_config, overrides=_engine_overrides(spec))
     decoded = decode_batch(columns, index.location.fs, base, _s3_settings(cfg))
     crops = decoded["crop"][np.array([not e for e in decoded["error"]])]
     engine = load_engine(cfg)
@@ -340,10 +341,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     report = run_job(spec)
     if args.compare_inprocess and report.rows_processed:
-        storage = load_config(spec.embedding_config, overrides=_engine_overrides(spec)).storage
-        index = discover(locate(spec.input, storage.endpoint_url, storage.region),
+        cfg = load_config(spec.embedding_config, overrides=_engine_overrides(spec))
+        index = discover(locate(spec.input, cfg.storage.endpoint_url, cfg.storage.region),
                          spec.settings.image_extensions)
-        report.inprocess_fps = inprocess_reference(spec, index, spec.settings.batch_size)
+        report.inprocess_fps = inprocess_reference(spec, index, spec.settings.batch_size, cfg=cfg)
         if report.inprocess_fps > 0:  # zero where no input decoded: nothing to compare
             report.ratio_to_inprocess = report.faces_per_s / report.inprocess_fps
     print(format_report(report), flush=True)

@@ -88,7 +88,7 @@ class _DeviceMemory:
     ``cudaMemGetInfo`` sees the whole device, not one process, so the worker
     samples "used" (total - free) around its own work only and adds up the
     growth: around the engine start (GPU workers start one at a time, under
-    ``_gpu_start_lock``) and around each call the parent drives (the parent
+    the runners' shared start lock) and around each call the parent drives (the parent
     drives one worker at a time, so the others are idle meanwhile). That covers
     weights, TensorRT activation memory, ONNX Runtime's arena growing on the
     first large batch, I/O buffers. It is what stays allocated after each call,
@@ -142,17 +142,6 @@ def _device_meter(device: str) -> _DeviceMemory | None:
     except Exception as exc:  # memory is context for the numbers, never a reason to fail the run
         logger.warning("cannot measure device memory on %s (%s); reporting peak RSS instead", device, exc)
         return None
-
-
-_gpu_start_lock_instance = None
-
-
-def _gpu_start_lock(ctx):
-    """One lock per parent process, held by a GPU worker while its engine starts (see ``_DeviceMemory``)."""
-    global _gpu_start_lock_instance
-    if _gpu_start_lock_instance is None:
-        _gpu_start_lock_instance = ctx.Lock()
-    return _gpu_start_lock_instance
 
 
 def _worker(spec: BenchSpec, conn, gpu_start_lock=None) -> None:
@@ -219,10 +208,14 @@ def _worker(spec: BenchSpec, conn, gpu_start_lock=None) -> None:
 
 
 class _Runner:
-    def __init__(self, spec: BenchSpec, ctx) -> None:
+    """One worker process. ``start_lock`` (one ``ctx.Lock()`` shared by the runners of a run)
+    is held by a GPU worker while its engine starts, so device memory is charged to one
+    engine at a time (see ``_DeviceMemory``)."""
+
+    def __init__(self, spec: BenchSpec, ctx, start_lock) -> None:
         self.spec = spec
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(spec, child, _gpu_start_lock(ctx)), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(spec, child, start_lock), daemon=True)
         self.proc.start()
         child.close()
         self.info: dict[str, Any] = {}
@@ -316,7 +309,8 @@ def run_benchmark(
         BenchSpec(b, model, batch_size, precision, device, config_path) for b in backends
     ]
     ctx = mp.get_context("spawn")
-    runners = [_Runner(spec, ctx) for spec in specs]
+    start_lock = ctx.Lock()
+    runners = [_Runner(spec, ctx, start_lock) for spec in specs]
     for runner in runners:  # start one at a time would be slower; they only load
         runner.wait_ready(timeout_s)
     total_batches = max(1, -(-num_faces // batch_size))

@@ -108,6 +108,7 @@ def _model_rows(
     macs = resolved.macs_per_face or 0
     largest = max(batches)
     ctx = mp.get_context("spawn")
+    start_lock = ctx.Lock()
 
     def spec(backend: str, precision: str | None, gate: bool) -> BenchSpec:
         return BenchSpec(backend, f"synthetic:{model}", largest, precision, device, config_path,
@@ -115,7 +116,7 @@ def _model_rows(
 
     # auto first, with the drift gate on exactly as it serves; then every candidate it
     # did not already cover, gate off so a refused path is still measured
-    auto = _Runner(spec("auto", None, True), ctx)
+    auto = _Runner(spec("auto", None, True), ctx, start_lock)
     auto.wait_ready(timeout_s)
     auto_pick = (auto.info.get("backend"), auto.info.get("precision"))
     runners: dict[tuple[str, str], _Runner] = {}
@@ -123,7 +124,7 @@ def _model_rows(
         if (backend, precision) == auto_pick:
             runners[(backend, precision)] = auto
         else:
-            runners[(backend, precision)] = _Runner(spec(backend, precision, False), ctx)
+            runners[(backend, precision)] = _Runner(spec(backend, precision, False), ctx, start_lock)
     for runner in runners.values():
         if runner is not auto:
             runner.wait_ready(timeout_s)

@@ -145,7 +145,8 @@ def decode_base64(text: Any, where: str) -> bytes:
 LANDMARK_NAMES = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number from a JSON body or a message (``bool`` is an ``int`` to Python, not here)."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
@@ -179,7 +180,7 @@ def parse_landmarks(value: Any, where: str) -> np.ndarray:
     coords = np.empty((5, 2), np.float64)
     for i, point in enumerate(points):
         for j, v in enumerate(point):
-            if not _is_number(v):
+            if not is_number(v):
                 raise RequestError(
                     422,
                     "bad_landmarks",

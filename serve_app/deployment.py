@@ -46,6 +46,7 @@ from .codec import (
     decode_json_body,
     decode_npy,
     encode_npy,
+    is_number,
 )
 from .metrics import ServiceMetrics
 from .protos import embedding_pb2 as pb
@@ -236,8 +237,7 @@ class EmbeddingDeployment:
                     422, "bad_request", "body must be {\"a\": face, \"b\": face, \"threshold\"?}"
                 )
             threshold = payload.get("threshold", self.settings.same_person_threshold)
-            is_number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-            if not (is_number and -1 <= threshold <= 1):  # also refuses NaN
+            if not (is_number(threshold) and -1 <= threshold <= 1):  # also refuses NaN
                 raise RequestError(
                     422, "bad_request", f"'threshold' must be a number in [-1, 1], got {threshold!r:.40}"
                 )
