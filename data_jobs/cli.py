@@ -1,9 +1,12 @@
-"""``arcface embed-episodes`` and ``arcface sample-episodes`` (registered into ``engines.cli``)."""
+"""``arcface embed-episodes`` and ``arcface sample-episodes``: plugged into ``arcface`` as
+``arcface.commands`` entry points (pyproject.toml). Nothing here imports Ray until a command runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from engines import Command, positive_int
 
 EMBED_HELP = "offline job: embed every face of many episodes (Ray Data)"
 
@@ -30,19 +33,15 @@ def cmd_sample_episodes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_embed(sub) -> None:
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
     """A pass-through subparser: every argument (``--help`` included) goes to the job's own parser
     when the command runs, so building the ``arcface`` parser never imports Ray.
-    (``prefix_chars`` no argument starts with: argparse then takes nothing as an option here.)"""
-    p = sub.add_parser("embed-episodes", help=EMBED_HELP, add_help=False, prefix_chars="\0",
-                       usage="arcface embed-episodes --input IN --output OUT [options] (--help: all)")
+    (``prefix_chars`` no argument starts with: argparse then takes nothing as an option here;
+    see ``EMBED_EPISODES.parser_kwargs``.)"""
     p.add_argument("job_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
-def _add_sample(sub) -> None:
-    from engines.cli import positive_int
-
-    p = sub.add_parser("sample-episodes", help="build a small episode dataset from insightface's faces")
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--episodes", type=positive_int, default=2)
     p.add_argument("--tracks", type=positive_int, default=3)
@@ -52,7 +51,10 @@ def _add_sample(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def register(parsers: list, commands: dict) -> None:
-    parsers.extend([_add_embed, _add_sample])
-    commands["embed-episodes"] = cmd_embed_episodes
-    commands["sample-episodes"] = cmd_sample_episodes
+EMBED_EPISODES = Command(
+    "embed-episodes", EMBED_HELP, _embed_arguments, cmd_embed_episodes, order=80,
+    parser_kwargs={"add_help": False, "prefix_chars": "\0",
+                   "usage": "arcface embed-episodes --input IN --output OUT [options] (--help: all)"},
+)
+SAMPLE_EPISODES = Command("sample-episodes", "build a small episode dataset from insightface's faces",
+                          _sample_arguments, cmd_sample_episodes, order=90)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engines.errors import EngineError
+from engines import EngineError
 
 from .staging import STAGING_DIR, embedding_array, read_staged
 from .storage import Location, delete_dir, exists, read_bytes, write_atomic, write_parquet_atomic

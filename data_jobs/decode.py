@@ -14,8 +14,7 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
-from engines.align import norm_crop
-from engines.preprocess import FACE_SIZE
+from engines import FACE_SIZE, norm_crop
 
 from .storage import locate, read_bytes
 

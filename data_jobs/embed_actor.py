@@ -20,10 +20,6 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FAULT_ENV = "ARCFACE_TEST_KILL_ACTOR_AFTER_BATCHES"
-FAULT_MARKER_ENV = "ARCFACE_TEST_KILL_ACTOR_MARKER"
-
-
 class EmbedActor:
     """``map_batches`` UDF: ``crop`` column in, ``embedding`` / ``norm`` / engine columns out."""
 

@@ -29,9 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engines import load_config, resolve_model
-from engines.base import model_contract
-from engines.errors import ConfigError, EngineError, ModelResolutionError
+from engines import ConfigError, configured_model, load_config, model_contract, run_with_exit_codes
 
 from .commit import commit_episode, committed_episodes
 from .settings import EpisodeJobSettings, load_job_settings
@@ -198,8 +196,7 @@ def run_job(spec: JobSpec) -> JobReport:
     input_loc = locate(spec.input, storage.endpoint_url, storage.region)
     output = locate(spec.output, storage.endpoint_url, storage.region)
     index = discover(input_loc, spec.settings.image_extensions)
-    model = resolve_model(cfg.embedding.model, cache_dir=storage.cache_dir,
-                          endpoint_url=storage.endpoint_url, region=storage.region)
+    model = configured_model(cfg)
     contract = model_contract(model)
     episodes = index.episodes
     committed = committed_episodes(output, episodes)
@@ -357,14 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ConfigError, ModelResolutionError, ValueError) as exc:
-        print(f"embed-episodes: error: {exc}", file=sys.stderr)
-        return 2
-    except EngineError as exc:
-        print(f"embed-episodes: {exc}", file=sys.stderr)
-        return 1
+    return run_with_exit_codes("embed-episodes", lambda: run_from_args(args))
 
 
 if __name__ == "__main__":

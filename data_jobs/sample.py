@@ -24,8 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engines.align import ARCFACE_TEMPLATE
-from engines.sample_faces import SourceFace, jitter_face, source_faces
+from engines import ARCFACE_TEMPLATE, SourceFace, jitter_face, source_faces
 
 FRAME_MARGIN = 96  # pixels of context around a face in un-aligned manifest frames
 

@@ -6,10 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from engines.config import REPO_CONFIG_DIR, build_typed
-from engines.errors import ConfigError
+from engines import REPO_CONFIG_DIR, ConfigError, build_typed, read_yaml_mapping
 
 DEFAULT_EPISODES_CONFIG = REPO_CONFIG_DIR / "episodes.yaml"
 
@@ -35,13 +32,8 @@ class EpisodeJobSettings:
 def load_job_settings(path: str | Path | None = None, **overrides: Any) -> EpisodeJobSettings:
     """``config/episodes.yaml`` (or ``path``), then non-None ``overrides``."""
     path = Path(path) if path else DEFAULT_EPISODES_CONFIG
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"episode job config not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or set(raw) - {"episodes"}:
+    raw = read_yaml_mapping(path, "episode job config")
+    if set(raw) - {"episodes"}:
         raise ConfigError(f"{path}: expected a single top-level 'episodes' mapping")
     try:
         settings = build_typed(EpisodeJobSettings, raw.get("episodes") or {}, "episodes")

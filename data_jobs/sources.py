@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engines.errors import ConfigError
+from engines import ConfigError
 
 from .storage import Location, exists, is_dir, list_files
 

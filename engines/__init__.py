@@ -1,11 +1,31 @@
 """Shared ArcFace embedding engine: backends, models, drift and benchmarks. No Ray in here.
 
-The public facade: shells (``serve_app``, ``data_jobs``) and the CLI use only
-what this module exports.
+The public facade: the shells (``serve_app``, ``data_jobs``) import from this
+module only, never from its inner modules (a test checks it). The layout
+underneath: ``base`` (the contract, the backend template, preprocessing,
+alignment), ``backends`` (one module per runtime), ``tensorrt`` (the plan life
+cycle), ``models`` (references, graphs, synthetic models, sample faces,
+precision conversion), ``config``, ``bench``, ``cli``, and the factory, the
+fallback chain and the drift gates beside them.
 """
 
-from .base import EmbeddingEngine, EngineInfo, embedding_contract_id
-from .config import Config, load_config
+from .backends.registry import available_backends, backend_names, register
+from .base.align import ARCFACE_TEMPLATE, norm_crop
+from .base.contract import EmbeddingEngine, EngineInfo, embedding_contract_id, model_contract
+from .base.preprocess import FACE_SIZE
+from .cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    Command,
+    DemoStep,
+    emit_json,
+    positive_int,
+    run_with_exit_codes,
+)
+from .config.loader import REPO_CONFIG_DIR, load_config
+from .config.schema import Config
+from .config.typed import build_typed, read_yaml_mapping
 from .drift import DriftReport, compare_embeddings, run_embedding_regression_tests
 from .errors import (
     BackendUnavailable,
@@ -15,30 +35,61 @@ from .errors import (
     EngineError,
     ModelResolutionError,
 )
-from .factory import get_engine, load_engine
-from .models import ResolvedModel, resolve_model
-from .registry import available_backends, backend_names, register
+from .factory import configured_model, get_engine, load_engine
+from .models.resolve import ResolvedModel, resolve_model
+from .models.sample_faces import (
+    FaceSet,
+    SourceFace,
+    eval_faces,
+    jitter_face,
+    jittered_faces,
+    load_tom_hanks,
+    source_faces,
+)
 
 __all__ = [
+    "ARCFACE_TEMPLATE",
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "FACE_SIZE",
+    "REPO_CONFIG_DIR",
     "BackendUnavailable",
+    "Command",
     "Config",
     "ConfigError",
+    "DemoStep",
     "DriftGateError",
     "DriftReport",
     "EmbeddingEngine",
     "EngineBuildError",
     "EngineError",
     "EngineInfo",
+    "FaceSet",
     "ModelResolutionError",
     "ResolvedModel",
+    "SourceFace",
     "available_backends",
     "backend_names",
+    "build_typed",
     "compare_embeddings",
+    "configured_model",
     "embedding_contract_id",
+    "emit_json",
+    "eval_faces",
     "get_engine",
+    "jitter_face",
+    "jittered_faces",
     "load_config",
     "load_engine",
+    "load_tom_hanks",
+    "model_contract",
+    "norm_crop",
+    "positive_int",
+    "read_yaml_mapping",
     "register",
     "resolve_model",
     "run_embedding_regression_tests",
+    "run_with_exit_codes",
+    "source_faces",
 ]

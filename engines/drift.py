@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .base import EmbeddingEngine
+from .base.contract import EmbeddingEngine
 
 logger = logging.getLogger(__name__)
 

@@ -7,25 +7,20 @@ online, offline and on the command line.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.metadata
-import json
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
-from .base import BaseEngine, EngineOptions
-from .config import BACKEND_NAMES, Config, load_config
-from .drift import DriftReport, run_embedding_regression_tests
-from .errors import BackendUnavailable, EngineError
+from .backends.registry import backend_names, get_backend_class
+from .base.engine import BaseEngine, EngineOptions
+from .config.loader import load_config
+from .config.schema import BACKEND_NAMES, Config
+from .drift_gate import startup_gate
+from .errors import BackendUnavailable
 from .fallback import start_chain
 from .hardware import resolve_device
-from .models import ResolvedModel, resolve_model
-from .registry import backend_names, get_backend_class
+from .models.resolve import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,134 +40,43 @@ def backend_chain(backend: str, fallback: Sequence[str], device: str) -> list[st
     return list(dict.fromkeys(names))
 
 
-def backend_extra(name: str, cfg: Config) -> dict[str, Any]:
-    """Backend-specific settings from the config, as the backend's ``options.extra``."""
-    if name == "onnx":
-        return asdict(cfg.onnx)
-    if name == "tensorrt":
-        return {"tensorrt": cfg.tensorrt}
-    return {}
-
-
-def _options(cfg: Config, device: str, extra: dict[str, Any]) -> EngineOptions:
+def engine_options(cfg: Config, device: str) -> EngineOptions:
+    """The backend-independent options ``cfg`` gives an engine on ``device``."""
     emb = cfg.embedding
     return EngineOptions(
         device=device,
         batch_size=emb.batch_size,
+        opt_batch_size=emb.opt_batch_size,
         max_batch_size=emb.max_batch_size,
         precision=emb.precision,
-        extra=extra,
+        workspace_size_mb=emb.workspace_size_mb,
+        cache_dir=cfg.storage.cache_dir,
+        max_drift_cosine=cfg.validation.max_drift_cosine,
     )
 
 
 def make_engine(name: str, model: ResolvedModel, cfg: Config, device: str) -> BaseEngine:
-    """Construct (not start) backend ``name`` for ``model``."""
+    """Construct (not start) backend ``name`` for ``model``, with its own config section."""
     if name not in backend_names():
         raise BackendUnavailable(f"backend {name!r} is not part of this installation")
     cls = get_backend_class(name)
-    extra = {**backend_extra(name, cfg), "config": cfg}
-    return cls(model, _options(cfg, device, extra))
+    settings = getattr(cfg, cls.config_section) if cls.config_section else None
+    return cls(model, engine_options(cfg, device), settings)
 
 
-@functools.lru_cache(maxsize=1)
-def _package_version() -> str:
-    """This project's installed version (``arcface-ray``); ``unknown`` when run from a bare checkout."""
-    try:
-        return importlib.metadata.version("arcface-ray")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+def configured_model(cfg: Config, ref: str | None = None) -> ResolvedModel:
+    """``ref`` (default ``embedding.model``) resolved with the config's storage settings
+    (cache directory, S3 endpoint and region): the one way the CLI, the shells and the
+    factory turn a configured model into a local file."""
+    storage = cfg.storage
+    return resolve_model(ref or cfg.embedding.model, cache_dir=storage.cache_dir,
+                         endpoint_url=storage.endpoint_url, region=storage.region)
 
 
-def _gate_cache_path(cfg: Config, model: ResolvedModel, engine: BaseEngine) -> Path:
-    """Where the verdict for this (model, backend, precision, runtime, CPU, bound) is kept.
-
-    The verdict is deterministic for that tuple, so every replica and actor on a
-    node after the first reads it instead of embedding the eval set again. The
-    preprocessing version and the package version are part of the key: a change
-    to the numbers fed to the models must be measured again, never hidden behind
-    a "pass" cached by the code before it."""
-    from .hardware import cpu_flags, cpu_model_name
-    from .preprocess import PREPROCESSING_VERSION
-
-    val = cfg.validation
-    key = json.dumps(
-        [
-            model.sha256, engine.name, type(engine).__qualname__, engine.precision,
-            engine.model.sha256, repr(engine.normalization), engine.info.runtime,
-            cpu_model_name(), sorted(cpu_flags()),
-            val.reference_backend, val.eval_set_size, val.max_drift_cosine,
-            PREPROCESSING_VERSION, _package_version(),
-        ],
-        sort_keys=True, default=str,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return cfg.storage.cache_path / "drift-gate" / f"{engine.name}-{engine.precision}-{digest}.json"
-
-
-def _start_reference(cfg: Config, model: ResolvedModel) -> BaseEngine:
-    """The gate's reference engine (fp32, CPU), started; ``BackendUnavailable`` naming it if it cannot."""
-    backend = cfg.validation.reference_backend
+def _reference_maker(cfg: Config, model: ResolvedModel):
+    """Builds the drift gate's reference engine: ``validation.reference_backend``, fp32, CPU."""
     ref_cfg = replace(cfg, embedding=replace(cfg.embedding, precision="fp32"))
-    engine: BaseEngine | None = None
-    try:
-        engine = make_engine(backend, model, ref_cfg, "cpu")
-        engine.ensure_ready()
-    except (EngineError, ImportError, OSError, RuntimeError) as exc:
-        if engine is not None:
-            engine.close()
-        raise BackendUnavailable(
-            f"the drift gate's reference backend {backend!r} (validation.reference_backend) "
-            f"cannot start: {type(exc).__name__}: {exc}"
-        ) from exc
-    return engine
-
-
-def _drift_gate(cfg: Config, model: ResolvedModel, device: str):
-    """A gate comparing a candidate engine to the reference backend on the eval set.
-
-    It checks every engine when ``validation.run_on_startup`` is on, and engines
-    computing below fp32 whenever ``validation.gate_reduced_precision`` is on:
-    a bf16 or int8 path must prove on *this* CPU that it stays within
-    ``max_drift_cosine`` before it serves."""
-    val = cfg.validation
-    if not val.enabled or not (val.run_on_startup or val.gate_reduced_precision):
-        return None
-    cache: dict[str, Any] = {}
-
-    def gate(engine: BaseEngine) -> DriftReport | None:
-        if engine.name == val.reference_backend and engine.model.sha256 == model.sha256:
-            return None  # the reference itself
-        if not val.run_on_startup and engine.precision == "fp32":
-            return None
-        verdict_path = _gate_cache_path(cfg, model, engine)
-        try:
-            return DriftReport(**json.loads(verdict_path.read_text()))
-        except (OSError, ValueError, TypeError):
-            pass
-        from .sample_faces import eval_faces
-
-        if "reference" not in cache:
-            try:
-                cache["reference"] = _start_reference(cfg, model)
-            except BackendUnavailable as exc:
-                cache["reference"] = exc  # tried once: every later candidate gets the same reason
-        if isinstance(cache["reference"], BackendUnavailable):
-            raise BackendUnavailable(str(cache["reference"])) from cache["reference"].__cause__
-        if "faces" not in cache:
-            cache["faces"] = eval_faces(val.eval_set_size)
-        report = run_embedding_regression_tests(
-            cache["faces"], cache["reference"], engine, val.max_drift_cosine
-        )
-        try:
-            verdict_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = verdict_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(report.to_dict()))
-            os.replace(tmp, verdict_path)
-        except OSError as exc:  # a read-only cache only costs the next start a re-check
-            logger.warning("could not cache the drift verdict at %s: %s", verdict_path, exc)
-        return report
-
-    return gate
+    return lambda: make_engine(cfg.validation.reference_backend, model, ref_cfg, "cpu")
 
 
 def with_precision_retries(chain: Sequence[str], precision: str) -> list[str]:
@@ -194,12 +98,7 @@ def load_engine(cfg: Config | None = None, model: ResolvedModel | None = None) -
     emb = cfg.embedding
     device = resolve_device(emb.device)
     if model is None:
-        model = resolve_model(
-            emb.model,
-            cache_dir=cfg.storage.cache_dir,
-            endpoint_url=cfg.storage.endpoint_url,
-            region=cfg.storage.region,
-        )
+        model = configured_model(cfg)
     chain = with_precision_retries(backend_chain(emb.backend, emb.fallback, device), emb.precision)
 
     def make(entry: str) -> BaseEngine:
@@ -207,9 +106,22 @@ def load_engine(cfg: Config | None = None, model: ResolvedModel | None = None) -
         entry_cfg = cfg if not precision else replace(cfg, embedding=replace(emb, precision=precision))
         return make_engine(name, model, entry_cfg, device)
 
-    engine, report = start_chain(emb.backend, chain, make, _drift_gate(cfg, model, device))
+    gate = startup_gate(cfg, model, _reference_maker(cfg, model))
+    engine, report = start_chain(emb.backend, chain, make, gate)
     engine.fallback_report = report.to_dict()
     return engine
+
+
+def _fit_batch_limits(emb: Any, batch_given: bool, max_given: bool) -> Any:
+    """Arguments win over the config: the one of ``batch_size`` / ``max_batch_size`` the caller
+    did not give follows the one it gave (an explicit batch above the configured limit raises
+    the limit; an explicit limit below the configured batch lowers the batch), and the opt batch
+    (a tuning hint) never exceeds the limit. Given both, the caller's pair must itself obey the
+    rule, which ``EngineOptions`` checks."""
+    if emb.batch_size > emb.max_batch_size and not (batch_given and max_given):
+        emb = (replace(emb, batch_size=emb.max_batch_size) if max_given and not batch_given
+               else replace(emb, max_batch_size=emb.batch_size))
+    return replace(emb, opt_batch_size=min(emb.opt_batch_size, emb.max_batch_size))
 
 
 def get_engine(
@@ -250,9 +162,7 @@ def get_engine(
     ):
         if value is not None:
             overrides[key] = value
-    emb = replace(emb, **overrides)
-    if emb.batch_size > emb.max_batch_size:
-        emb = replace(emb, max_batch_size=emb.batch_size)
+    emb = _fit_batch_limits(replace(emb, **overrides), batch_size is not None, max_batch_size is not None)
     val = cfg.validation
     if validate_on_startup is not None:
         # False: no gate at all, not even for reduced precision (compare and bench measure

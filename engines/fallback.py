@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .base import BaseEngine
+from .base.engine import BaseEngine
 from .drift import DriftReport
 from .errors import BackendUnavailable, EngineError
 

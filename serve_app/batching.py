@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.base import EmbeddingEngine, EngineInfo
+from engines import EmbeddingEngine, EngineInfo
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``arcface serve`` and ``arcface bench-serve`` (registered into ``engines.cli`` lazily)."""
+"""``arcface serve`` and ``arcface bench-serve``: plugged into ``arcface`` as ``arcface.commands``
+entry points (pyproject.toml). Nothing here imports Ray until a command runs."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
+
+from engines import Command, emit_json, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from engines.cli import emit_json
-
     from . import launch
     from .load_bench import format_result, run_load_benchmark
 
@@ -60,14 +60,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 1 if result.requests == 0 else 0
 
 
-def _positive(text: str) -> int:
-    from engines.cli import positive_int
-
-    return positive_int(text)
-
-
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="start local Ray + Serve with the embedding service")
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="Serve deploy config (default config/serve.yaml)")
     p.add_argument("--address", help="connect to this Ray cluster instead of starting one")
     p.add_argument("--host", help="override http_options.host")
@@ -77,15 +70,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--exit-after", type=float, help="stop after this many seconds (default: Ctrl-C)")
 
 
-def _add_bench_serve(sub) -> None:
-    p = sub.add_parser("bench-serve", help="HTTP load test of a running service vs the in-process engine")
+def _bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
     p.add_argument("--start", action="store_true",
                    help="start a local service from --config first (and stop it after)")
     p.add_argument("--config", help="Serve deploy config used with --start")
     p.add_argument("--http-port", type=int, help="port for --start (default from the config)")
-    p.add_argument("--concurrency", type=_positive, default=16)
-    p.add_argument("--faces-per-request", type=_positive, default=8)
+    p.add_argument("--concurrency", type=positive_int, default=16)
+    p.add_argument("--faces-per-request", type=positive_int, default=8)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of measured load")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load first")
     p.add_argument("--token", help="bearer token (default $ARCFACE_SERVE_TOKEN)")
@@ -94,13 +86,7 @@ def _add_bench_serve(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def register(parsers: list, commands: dict) -> None:
-    parsers.extend([_add_serve, _add_bench_serve])
-    commands["serve"] = cmd_serve
-    commands["bench-serve"] = cmd_bench_serve
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from engines.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))
+SERVE = Command("serve", "start local Ray + Serve with the embedding service", _serve_arguments, cmd_serve,
+                order=60)
+BENCH_SERVE = Command("bench-serve", "HTTP load test of a running service vs the in-process engine",
+                      _bench_serve_arguments, cmd_bench_serve, order=70)

@@ -20,8 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.align import norm_crop
-from engines.preprocess import FACE_SIZE
+from engines import FACE_SIZE, norm_crop
 
 RAW_CROP_BYTES = FACE_SIZE * FACE_SIZE * 3
 NPY_MEDIA_TYPE = "application/x-npy"

@@ -25,8 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from engines import load_config, load_engine
-from engines.sample_faces import load_tom_hanks
+from engines import load_config, load_engine, load_tom_hanks
 
 from .batching import (
     BatchItem,

@@ -14,10 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from engines.config import REPO_CONFIG_DIR
-from engines.errors import ConfigError, EngineError
+from engines import REPO_CONFIG_DIR, ConfigError, EngineError, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +38,7 @@ def load_serve_config(path: str | Path | None = None, **overrides: Any):
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path) if path else DEFAULT_SERVE_CONFIG
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"serve config not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    raw = read_yaml_mapping(path, "serve config")
     if overrides.get("http_port") is not None:
         raw.setdefault("http_options", {})["port"] = overrides["http_port"]
     if overrides.get("http_host") is not None:

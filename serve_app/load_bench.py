@@ -47,7 +47,7 @@ class LoadResult:
 
 
 def _bodies(faces_per_request: int, count: int = 16) -> list[bytes]:
-    from engines.sample_faces import jittered_faces
+    from engines import jittered_faces
 
     pool = jittered_faces(max(faces_per_request * count, 7), seed=4242).faces
     rng = np.random.default_rng(0)
@@ -128,8 +128,7 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
 
 def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) -> float:
     """The same engine (backend, model, precision) in this process, at ``batch_size``."""
-    from engines import get_engine
-    from engines.sample_faces import jittered_faces
+    from engines import get_engine, jittered_faces
 
     engine = get_engine(
         info["backend"], info["model_path"], precision=info["precision"], device=info["device"],

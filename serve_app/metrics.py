@@ -8,7 +8,7 @@ counts *requests*) are complemented here by sizes counted in *faces*.
 
 from __future__ import annotations
 
-from engines.base import EngineInfo
+from engines import EngineInfo
 
 BATCH_FACES_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 MS_BUCKETS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.config import build_typed
-from engines.errors import ConfigError
+from engines import ConfigError, build_typed
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from moto_s3 import aws_env, bucket, s3_endpoint  # noqa: F401  (fixtures: the r
 from support import free_port, init_local_ray
 
 from engines.models import ResolvedModel, resolve_model
-from engines.sample_faces import FaceSet, jittered_faces
+from engines.models.sample_faces import FaceSet, jittered_faces
 
 
 def pytest_collection_modifyitems(config, items):

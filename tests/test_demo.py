@@ -21,5 +21,10 @@ def test_demo_runs_every_step_and_every_check_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all checks passed" in proc.stdout
     summary = json.loads((tmp_path / "demo.json").read_text())
-    assert summary["drift"]["passed"] and summary["drift"]["min_cosine_sim"] >= 0.99999
+    # what the configuration promises: the engine `auto` picked is within the drift gate's bound
+    # of the reference (fp32 paths are far closer; a bf16 or int8 path is merely inside the gate)
+    drift = summary["drift"]
+    assert drift["passed"] and drift["min_cosine_sim"] >= 1 - drift["max_drift"]
+    if summary["engine"]["precision"] == "fp32":
+        assert drift["min_cosine_sim"] >= 0.99999  # the fp32 contract (README "Contracts")
     assert {"serve", "offline"} <= set(summary), sorted(summary)

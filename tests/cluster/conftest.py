@@ -1,4 +1,4 @@
-"""One simulated multi-node autoscaling cluster for the scale tests (see tests/fake_cluster.py).
+"""One simulated multi-node autoscaling cluster for the scale tests (see tests/helpers/fake_cluster.py).
 
 Node types, like the cluster launcher's (cluster/aws-gpu.yaml): a CPU head, and fake
 one-GPU workers of two architectures, A10G (sm86, up to 3 nodes) and A100 (sm80, 1).

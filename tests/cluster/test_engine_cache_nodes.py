@@ -1,6 +1,6 @@
 """Many GPU actors on several nodes of one architecture cause exactly one engine build.
 
-Six ``EngineResolver`` actors (tests/engine_resolver.py) start at once: four on two fake
+Six ``EngineResolver`` actors (tests/helpers/engine_resolver.py) start at once: four on two fake
 A10G nodes (sm86), two on one fake A100 node (sm80), each with its node's own local
 cache and the S3 engine cache (a real S3 API: moto's server on 127.0.0.1) configured
 through the environment, as the cluster configs in cluster/ set it. The engine cache's
@@ -16,10 +16,10 @@ from collections import Counter
 import pytest
 from engine_resolver import EngineResolver, plan_bytes
 
-from engines.engine_key import parse_key
-from engines.engine_store import S3EngineStore
-from engines.precision import convert_model
+from engines.models.precision import convert_model
 from engines.s3 import make_client
+from engines.tensorrt.plan_key import parse_key
+from engines.tensorrt.plan_store import S3PlanStore
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ def test_one_build_per_gpu_architecture_across_nodes(fake_cluster, mbf_model, s3
             assert sources["built"] + sources["s3"] + sources["local"] == PER_ARCH[arch]
             expected = hashlib.sha256(plan_bytes(key[arch], graph.path)).hexdigest()
             assert {r["sha256"] for r in rows} == {expected}  # the builder's bytes, verified, everywhere
-        store = S3EngineStore(make_client(s3_endpoint), bucket, "arcface/engines")
+        store = S3PlanStore(make_client(s3_endpoint), bucket, "arcface/engines")
         published = {e["key"] for e in store.list()}
         assert published == set(key.values())
         assert all(store.lock_state(k, 60) is None for k in published)  # builders released their locks

@@ -109,7 +109,7 @@ class Load:
     """Closed-loop HTTP clients, one face per request, until stopped."""
 
     def __init__(self, port: int, clients: int) -> None:
-        from engines.sample_faces import jittered_faces
+        from engines.models.sample_faces import jittered_faces
 
         faces = jittered_faces(clients, seed=11).faces
         self.bodies = [encode_npy(faces[i : i + 1]) for i in range(clients)]

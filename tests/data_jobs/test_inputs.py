@@ -14,7 +14,7 @@ from data_jobs.decode import decode_batch
 from data_jobs.sample import make_sample_episodes
 from data_jobs.sources import InputError, discover
 from data_jobs.storage import locate
-from engines.align import norm_crop
+from engines.base.align import norm_crop
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from data_jobs.settings import load_job_settings
 from data_jobs.sources import discover
 from data_jobs.storage import locate
 from engines import get_engine
-from engines.align import norm_crop
+from engines.base.align import norm_crop
 
 pytestmark = pytest.mark.integration
 

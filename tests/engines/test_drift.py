@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from engines import compare_embeddings, get_engine, run_embedding_regression_tests
+from engines.backends.onnx import OnnxEngine
 from engines.base import EngineOptions
-from engines.onnx_backend import OnnxEngine
-from engines.preprocess import Normalization
+from engines.base.preprocess import Normalization
 
 
 class BgrFeedingEngine(OnnxEngine):

@@ -27,11 +27,20 @@ def _project() -> tuple[set[str], dict[str, set[str]]]:
 
 
 def _missing_extra_calls():
-    for path in sorted((ROOT / "engines").glob("*.py")):
+    """Every install hint in engines/ (subpackages included): ``missing_extra("pkg", extra, ...)``
+    calls with literal arguments, and backends' ``required_package = "pkg"``, which
+    ``BaseEngine._require_package`` turns into the base-dependency hint."""
+    for path in sorted((ROOT / "engines").rglob("*.py")):
+        where = path.relative_to(ROOT)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "missing_extra":
-                package, extra = (ast.literal_eval(arg) for arg in node.args[:2])
-                yield f"{path.name}:{node.lineno}", package, extra
+                if all(isinstance(arg, ast.Constant) for arg in node.args[:2]):
+                    package, extra = (ast.literal_eval(arg) for arg in node.args[:2])
+                    yield f"{where}:{node.lineno}", package, extra
+            elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+                  and getattr(node.targets[0], "id", None) == "required_package"
+                  and isinstance(node.value, ast.Constant) and node.value.value):
+                yield f"{where}:{node.lineno}", node.value.value, None
 
 
 def test_every_hint_names_the_extra_that_provides_the_package():
@@ -49,8 +58,8 @@ def test_every_hint_names_the_extra_that_provides_the_package():
 
 @pytest.mark.parametrize(
     ("module", "cls"),
-    [("engines.onnx_backend", "OnnxEngine"), ("engines.openvino_backend", "OpenVinoEngine"),
-     ("engines.insightface_backend", "InsightFaceEngine")],
+    [("engines.backends.onnx", "OnnxEngine"), ("engines.backends.openvino", "OpenVinoEngine"),
+     ("engines.backends.insightface", "InsightFaceEngine")],
 )
 def test_a_missing_base_dependency_says_reinstall(module, cls, mbf_model, monkeypatch):
     import importlib

@@ -5,12 +5,13 @@ from dataclasses import replace
 import pytest
 
 from engines import get_engine, load_config
+from engines.backends.onnx import OnnxEngine
 from engines.base import EngineOptions
+from engines.base.preprocess import Normalization
+from engines.drift_gate import startup_gate
 from engines.errors import BackendUnavailable
-from engines.factory import _drift_gate, backend_chain, make_engine
+from engines.factory import _reference_maker, backend_chain, make_engine
 from engines.fallback import ChainExhausted, start_chain
-from engines.onnx_backend import OnnxEngine
-from engines.preprocess import Normalization
 
 
 class BgrFeedingEngine(OnnxEngine):
@@ -50,7 +51,7 @@ def _config(tmp_path, **validation):
 
 def test_drift_gate_refuses_a_drifting_backend_and_falls_back(mbf_model, tmp_path):
     cfg = _config(tmp_path, run_on_startup=True, eval_set_size=14)
-    gate = _drift_gate(cfg, mbf_model, "cpu")
+    gate = startup_gate(cfg, mbf_model, _reference_maker(cfg, mbf_model))
 
     def make(name):
         if name == "buggy":
@@ -100,13 +101,14 @@ def test_a_gate_that_cannot_run_skips_that_candidate_with_its_reason(mbf_model):
 def test_a_reference_that_cannot_start_exhausts_the_chain_with_a_clear_reason(
     mbf_model, tmp_path, monkeypatch
 ):
-    from engines.insightface_backend import InsightFaceEngine
+    from engines.backends.insightface import InsightFaceEngine
 
     monkeypatch.setattr(InsightFaceEngine, "availability", classmethod(lambda cls: "not installed (test)"))
     cfg = _config(tmp_path, run_on_startup=True, eval_set_size=4, reference_backend="insightface")
     make = lambda name: make_engine(name, mbf_model, cfg, "cpu")  # noqa: E731
     with pytest.raises(ChainExhausted) as info:
-        start_chain("onnx", ["onnx", "insightface"], make, _drift_gate(cfg, mbf_model, "cpu"))
+        gate = startup_gate(cfg, mbf_model, _reference_maker(cfg, mbf_model))
+        start_chain("onnx", ["onnx", "insightface"], make, gate)
     onnx, insightface = info.value.report.attempts
     assert onnx.status == "gate_failed"
     assert "reference backend 'insightface'" in onnx.reason and "pip install -e ." in onnx.reason
@@ -120,19 +122,20 @@ def test_a_preprocessing_or_package_change_is_measured_again_not_read_from_the_c
 ):
     import json
 
-    from engines import factory, preprocess
+    from engines import drift_gate
+    from engines.base import preprocess
 
     cfg = _config(tmp_path, run_on_startup=True, eval_set_size=8)
-    gate = _drift_gate(cfg, mbf_model, "cpu")
+    gate = startup_gate(cfg, mbf_model, _reference_maker(cfg, mbf_model))
     buggy = BgrFeedingEngine(mbf_model, EngineOptions())
     assert not gate(buggy).passed
-    cached = factory._gate_cache_path(cfg, mbf_model, buggy)
+    cached = drift_gate.verdict_path(cfg, mbf_model, buggy)
     forged = {**json.loads(cached.read_text()), "passed": True}
     cached.write_text(json.dumps(forged))
     assert gate(buggy).passed  # the same code reads the cached verdict back
     for patch in (lambda: monkeypatch.setattr(preprocess, "PREPROCESSING_VERSION", "changed-v2"),
-                  lambda: monkeypatch.setattr(factory, "_package_version", lambda: "99.0")):
+                  lambda: monkeypatch.setattr(drift_gate, "package_version", lambda: "99.0")):
         patch()
-        assert factory._gate_cache_path(cfg, mbf_model, buggy) != cached
+        assert drift_gate.verdict_path(cfg, mbf_model, buggy) != cached
         assert not gate(buggy).passed  # new code: measured, so the forged "pass" cannot hide it
-        cached = factory._gate_cache_path(cfg, mbf_model, buggy)
+        cached = drift_gate.verdict_path(cfg, mbf_model, buggy)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from gpu_helpers import need_cuda_python, need_tensorrt
 
-from engines import cuda_rt
-from engines.bench import _DeviceMemory, run_benchmark
+from engines.bench.workers import _DeviceMemory, run_benchmark
+from engines.tensorrt import cuda as cuda_rt
 
 pytestmark = pytest.mark.gpu
 

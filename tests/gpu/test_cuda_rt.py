@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from gpu_helpers import need_cuda_python
 
-from engines import cuda_rt
-from engines.engine_key import BuildSettings, detect_build_target, engine_key, parse_key
+from engines.tensorrt import cuda as cuda_rt
+from engines.tensorrt.plan_key import BuildSettings, detect_build_target, parse_key, plan_key
 
 pytestmark = pytest.mark.gpu
 
@@ -57,7 +57,7 @@ def test_compute_capability_and_memory_are_consistent():
             assert out.stdout.strip() == f"{facts.major}.{facts.minor}"
 
 
-def test_engine_key_on_this_device(mbf_model):
+def test_plan_key_on_this_device(mbf_model):
     try:
         import tensorrt
 
@@ -67,7 +67,7 @@ def test_engine_key_on_this_device(mbf_model):
     target = detect_build_target(0, trt_version=version)
     facts = cuda_rt.device_facts(0)
     assert target.compute_capability == (facts.major, facts.minor) and target.gpu_name == facts.name
-    key = engine_key(mbf_model, BuildSettings(precision="fp32"), target)
+    key = plan_key(mbf_model, BuildSettings(precision="fp32"), target)
     fields = parse_key(key)
     assert fields["sm"] == f"{facts.major}{facts.minor}" and fields["trt"] == version
     print(f"\nengine key on {facts.name}: {key}")

@@ -9,7 +9,7 @@ import pytest
 
 from engines import get_engine, load_config
 from engines.drift import compare_embeddings
-from engines.sample_faces import jittered_faces
+from engines.models.sample_faces import jittered_faces
 
 pytestmark = pytest.mark.gpu
 

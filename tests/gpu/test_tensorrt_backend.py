@@ -19,7 +19,7 @@ from gpu_helpers import need_cuda_python, need_tensorrt
 from engines import get_engine, load_config
 from engines.drift import compare_embeddings
 from engines.errors import EngineBuildError
-from engines.sample_faces import jittered_faces
+from engines.models.sample_faces import jittered_faces
 
 pytestmark = pytest.mark.gpu
 
@@ -133,7 +133,7 @@ def test_threads_share_one_engine_safely(cfg, engines_by_key, eval_faces, mbf_mo
 def test_a_foreign_plan_is_refused_with_the_likely_cause():
     need_tensorrt()
     need_cuda_python()
-    from engines.trt_runner import TrtRunner
+    from engines.tensorrt.runner import TrtRunner
 
     with pytest.raises(EngineBuildError, match="another TensorRT version"):
         TrtRunner(b"not a TensorRT plan" * 64, 0, origin="garbage.plan")

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.align import norm_crop
-from engines.sample_faces import source_faces
+from engines.base.align import norm_crop
+from engines.models.sample_faces import source_faces
 from serve_app.codec import (
     Limits,
     RequestError,

@@ -16,8 +16,8 @@ import requests
 from support import deploy, deploy_from_config, png_bomb
 
 from engines import get_engine
-from engines.align import norm_crop
-from engines.sample_faces import source_faces
+from engines.base.align import norm_crop
+from engines.models.sample_faces import source_faces
 from serve_app.codec import NPY_MEDIA_TYPE, encode_npy
 from serve_app.protos import embedding_pb2 as pb
 from serve_app.protos import embedding_pb2_grpc as pb_grpc
