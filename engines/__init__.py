@@ -10,8 +10,9 @@ fallback chain and the drift gates beside them.
 """
 
 from .backends.registry import available_backends, backend_names, register
-from .base.align import ARCFACE_TEMPLATE, norm_crop
+from .base.align import ARCFACE_TEMPLATE, LANDMARK_NAMES, check_landmarks, norm_crop
 from .base.contract import EmbeddingEngine, EngineInfo, embedding_contract_id, model_contract
+from .base.image import ALLOWED_FORMATS, ImageRejected, decode_image
 from .base.preprocess import FACE_SIZE
 from .cli.common import (
     EXIT_BAD_INPUT,
@@ -48,11 +49,13 @@ from .models.sample_faces import (
 )
 
 __all__ = [
+    "ALLOWED_FORMATS",
     "ARCFACE_TEMPLATE",
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
     "EXIT_OK",
     "FACE_SIZE",
+    "LANDMARK_NAMES",
     "REPO_CONFIG_DIR",
     "BackendUnavailable",
     "Command",
@@ -66,14 +69,17 @@ __all__ = [
     "EngineError",
     "EngineInfo",
     "FaceSet",
+    "ImageRejected",
     "ModelResolutionError",
     "ResolvedModel",
     "SourceFace",
     "available_backends",
     "backend_names",
     "build_typed",
+    "check_landmarks",
     "compare_embeddings",
     "configured_model",
+    "decode_image",
     "embedding_contract_id",
     "emit_json",
     "eval_faces",

@@ -17,10 +17,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
-from engines import FACE_SIZE, norm_crop
+from engines import FACE_SIZE, LANDMARK_NAMES, ImageRejected, decode_image, norm_crop
+from engines import check_landmarks as engine_check_landmarks
 
 RAW_CROP_BYTES = FACE_SIZE * FACE_SIZE * 3
 NPY_MEDIA_TYPE = "application/x-npy"
@@ -90,44 +90,24 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _declared_pixels(data: bytes) -> tuple[int, bool] | None:
-    """``(width x height, exact)`` from the image header (no pixel is decoded); ``None`` if
-    Pillow cannot read it. Beyond Pillow's own bomb ceiling it refuses to say the size:
-    then the ceiling is returned as a lower bound (``exact`` False)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
-            width, height = im.size
-    except Image.DecompressionBombError:
-        return 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1, False
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None  # not an image Pillow knows: cv2 decides, with its own 1 GP ceiling
-    return width * height, True
+# HTTP status of each reason a file is not decoded (see engines.decode_image)
+_IMAGE_STATUS = {"unsupported_format": 415, "image_too_large": 413, "not_an_image": 422}
 
 
 def decode_image_bytes(data: bytes, where: str, max_pixels: int = Limits.max_image_pixels) -> np.ndarray:
-    """Encoded JPEG/PNG (or a raw 112x112x3 crop) -> BGR uint8 image.
+    """Encoded JPEG / PNG / WebP / BMP / TIFF (or a raw 112x112x3 crop) -> BGR uint8 image.
 
-    The header's declared size is checked first: decoding allocates width x height x 3
-    bytes whatever the body size, so the body limit alone does not bound memory.
+    ``engines.decode_image`` does the work: formats by magic bytes from an allow-list, the
+    header's declared size checked before anything is allocated, every decoder failure one
+    error; here each refusal becomes its 4xx (415 format, 413 size, 422 undecodable).
     """
     if len(data) == RAW_CROP_BYTES and not data.startswith((b"\x89PNG", b"\xff\xd8")):
         return np.frombuffer(data, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3).copy()
-    declared = _declared_pixels(data) if data else None
-    if declared is not None and declared[0] > max_pixels:
-        pixels, exact = declared
-        raise RequestError(
-            413, "image_too_large",
-            f"{where}: the image declares {'' if exact else 'more than '}{pixels:,} pixels; at most "
-            f"{max_pixels:,} are decoded (max_image_megapixels)",
-        )
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise RequestError(
-            422, "not_an_image", f"{where}: bytes are not a decodable JPEG/PNG image ({len(data)} bytes)"
-        )
-    return image
+    try:
+        return decode_image(data, max_pixels)
+    except ImageRejected as exc:
+        suffix = " (max_image_megapixels)" if exc.reason == "image_too_large" else ""
+        raise RequestError(_IMAGE_STATUS[exc.reason], exc.reason, f"{where}: {exc}{suffix}") from None
 
 
 def decode_base64(text: Any, where: str) -> bytes:
@@ -139,9 +119,6 @@ def decode_base64(text: Any, where: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestError(400, "bad_base64", f"{where}: invalid base64: {exc}") from None
-
-
-LANDMARK_NAMES = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
 
 
 def is_number(value: Any) -> bool:
@@ -210,47 +187,13 @@ def _describe_shape(value: Any) -> str:
         return f"a ragged {type(value).__name__}"
 
 
-MIN_LANDMARK_SPAN_PX = 1.0
-
-
 def check_landmarks(kps: np.ndarray, image_shape: tuple[int, ...], where: str) -> None:
-    """Refuse landmarks that cannot describe a face in an image of ``image_shape``.
-
-    Three rules, each a client error. Every point lies within the image extended
-    by its own width/height on each side (a face cut by the border has points a
-    little outside; one a whole image size away is no coordinate in it, and huge
-    values would overflow the float32 transform). The face centre (mean of the 5
-    points) lies inside the image (else the crop is black border). The points
-    span at least ``MIN_LANDMARK_SPAN_PX`` (coincident points have no similarity
-    transform; near-coincident ones would blow a sub-pixel patch up to 112x112).
-    """
-    h, w = image_shape[:2]
-    size = f"{w}x{h}"
-    for i, (x, y) in enumerate(kps):
-        if not (-w <= x <= 2 * w and -h <= y <= 2 * h):
-            raise RequestError(
-                422,
-                "bad_landmarks",
-                f"{where}: landmark {i} ({LANDMARK_NAMES[i]}) at ({x:.6g}, {y:.6g}) is far outside "
-                f"the {size} image; landmarks are pixel coordinates in the image they come with",
-            )
-    cx, cy = kps.mean(axis=0)
-    if not (0 <= cx <= w and 0 <= cy <= h):
-        raise RequestError(
-            422,
-            "bad_landmarks",
-            f"{where}: the face centre (mean of the 5 landmarks) at ({cx:.6g}, {cy:.6g}) is outside "
-            f"the {size} image",
-        )
-    span_x, span_y = np.ptp(kps, axis=0)
-    if max(span_x, span_y) < MIN_LANDMARK_SPAN_PX:
-        raise RequestError(
-            422,
-            "bad_landmarks",
-            f"{where}: landmarks are degenerate: the 5 points span only {span_x:.3g} x {span_y:.3g} px "
-            f"(at least {MIN_LANDMARK_SPAN_PX:g} px needed); they must be distinct pixel coordinates, "
-            "not fractions of the image size",
-        )
+    """The shared landmark rules (``engines.check_landmarks``: the job applies the same ones),
+    as a 422 naming the item."""
+    try:
+        engine_check_landmarks(kps, image_shape)
+    except ValueError as exc:
+        raise RequestError(422, "bad_landmarks", f"{where}: {exc}") from None
 
 
 def to_crop(image: np.ndarray, landmarks: np.ndarray | None, where: str) -> np.ndarray:

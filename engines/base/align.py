@@ -24,6 +24,50 @@ ARCFACE_TEMPLATE = np.array(
 )
 
 
+LANDMARK_NAMES = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
+MIN_LANDMARK_SPAN_PX = 1.0
+
+
+def check_landmarks(kps: np.ndarray, image_shape: tuple[int, ...]) -> None:
+    """Refuse landmarks that cannot describe a face in an image of ``image_shape``.
+
+    One rule set for every caller (the service answers 422, the job records a per-row
+    error), so the same landmarks are never rejected online and embedded offline. Three
+    rules, each a ``ValueError`` whose message names the point: every point lies within
+    the image extended by its own width/height on each side (a face cut by the border has
+    points a little outside; one a whole image size away is no coordinate in it, and huge
+    values would overflow the float32 transform); the face centre (mean of the 5 points)
+    lies inside the image (else the crop is black border); the points span at least
+    ``MIN_LANDMARK_SPAN_PX`` (coincident points have no similarity transform; fractions
+    of the image size would blow a sub-pixel patch up to 112x112).
+    """
+    kps = np.asarray(kps, dtype=np.float64)  # float64: huge values are "far outside", not inf
+    if kps.shape != (5, 2):
+        raise ValueError(f"landmarks must be 5 (x, y) points with shape (5, 2), got shape {kps.shape}")
+    if not np.isfinite(kps).all():
+        raise ValueError("landmarks contain NaN or infinite values")
+    h, w = image_shape[:2]
+    size = f"{w}x{h}"
+    for i, (x, y) in enumerate(kps):
+        if not (-w <= x <= 2 * w and -h <= y <= 2 * h):
+            raise ValueError(
+                f"landmark {i} ({LANDMARK_NAMES[i]}) at ({x:.6g}, {y:.6g}) is far outside "
+                f"the {size} image; landmarks are pixel coordinates in the image they come with"
+            )
+    cx, cy = kps.mean(axis=0)
+    if not (0 <= cx <= w and 0 <= cy <= h):
+        raise ValueError(
+            f"the face centre (mean of the 5 landmarks) at ({cx:.6g}, {cy:.6g}) is outside the {size} image"
+        )
+    span_x, span_y = np.ptp(kps, axis=0)
+    if max(span_x, span_y) < MIN_LANDMARK_SPAN_PX:
+        raise ValueError(
+            f"landmarks are degenerate: the 5 points span only {span_x:.3g} x {span_y:.3g} px "
+            f"(at least {MIN_LANDMARK_SPAN_PX:g} px needed); they must be distinct pixel coordinates, "
+            "not fractions of the image size"
+        )
+
+
 def _as_landmarks(landmarks: object) -> np.ndarray:
     # float32 on purpose: insightface's detectors emit float32 keypoints and
     # scikit-image estimates in the input dtype, so matching it bit for bit
