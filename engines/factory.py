@@ -52,6 +52,7 @@ def engine_options(cfg: Config, device: str) -> EngineOptions:
         workspace_size_mb=emb.workspace_size_mb,
         cache_dir=cfg.storage.cache_dir,
         max_drift_cosine=cfg.validation.max_drift_cosine,
+        preprocess=emb.preprocess,
     )
 
 

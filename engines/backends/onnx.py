@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..base.engine import BaseEngine
+from ..base.preprocess import NHWC_UINT8
 from ..config.schema import OnnxConfig
 from ..errors import BackendUnavailable
 from ..hardware import cpu_has_int8_dot, device_index
@@ -92,8 +93,10 @@ def tensorrt_ep_options(
     timing cache live under ``<cache>/engines/ort-trt``, named by model,
     graph sha8 and precision (ORT appends its own hash and the sm).
     """
+    sample = "112x112x3" if model.input_layout == NHWC_UINT8 else "3x112x112"
+
     def shape(batch: int) -> str:
-        return f"{input_name}:{batch}x3x112x112"
+        return f"{input_name}:{batch}x{sample}"
 
     options: dict[str, Any] = {
         "trt_max_workspace_size": int(workspace_mb) << 20,
@@ -142,6 +145,7 @@ class OnnxEngine(BaseEngine):
     """ONNX Runtime session over the resolved ONNX graph (fp32, or a converted fp16/int8 graph)."""
 
     required_package = "onnxruntime"
+    runs_uint8_graph = True
     config_section = "onnx"
     settings_type = OnnxConfig
 
@@ -178,6 +182,7 @@ class OnnxEngine(BaseEngine):
                     f"{wanted}; it runs fp32 graphs and their {list(CONVERTIBLE)} conversions"
                 )
             self.graph = convert_model(self.model, wanted, cache_dir=self.cache_dir)
+        self.graph = self._with_graph_preprocessing(self.graph)
         if self.graph.precision == "int8" and self.options.device == "cpu" and not cpu_has_int8_dot():
             # MLAS's AVX2 kernels sum u8 x s8 pairs in saturating int16 (vpmaddubsw): the
             # drift is several times the quantisation's own; the drift gate will say so.
@@ -218,7 +223,7 @@ class OnnxEngine(BaseEngine):
         self._input, self._output = inputs[0].name, outputs[0].name
         dim = outputs[0].shape[-1]
         self._embedding_dim = int(dim) if isinstance(dim, int) else None
-        warm = self._run(np.zeros((1, 3, 112, 112), np.float32))
+        warm = self._run(self._warm_input(1))
         self._embedding_dim = int(warm.shape[-1])
 
     def _tensorrt_ep(self) -> dict[str, dict]:

@@ -71,6 +71,7 @@ class OpenVinoEngine(BaseEngine):
     _serialize_runs = True
     auto_may_reduce_precision = True
     required_package = "openvino"
+    runs_uint8_graph = True
     config_section = "openvino"
     settings_type = OpenVinoConfig
 
@@ -139,6 +140,7 @@ class OpenVinoEngine(BaseEngine):
         graph = self.model
         if precision == "int8" and graph.precision == "fp32":
             graph = convert_model(graph, "int8", cache_dir=self.cache_dir)
+        graph = self._with_graph_preprocessing(graph)
         props = self._compile_properties(precision)
         try:
             compiled = core.compile_model(graph.path, "CPU", props)
@@ -168,7 +170,7 @@ class OpenVinoEngine(BaseEngine):
                         "OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         }
         self._properties["INFERENCE_PRECISION_HINT"] = actual
-        warm = self._run(np.zeros((self._n_requests, 3, 112, 112), np.float32))
+        warm = self._run(self._warm_input(self._n_requests))
         self._embedding_dim = int(warm.shape[-1])
 
     def _run(self, blob: np.ndarray) -> np.ndarray:

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from ..models.resolve import ResolvedModel
 
 NORMALIZATION_TAG = "l2"
+SYNTHETIC_NOTE = ("SYNTHETIC model: real ArcFace architecture with seeded random weights, "
+                  "for tests and benchmarks only; its embeddings identify nobody")
+PROBE_NOTE = ("PROBE model: 16x16 average pooling + one linear layer to 512, about 75k MACs per face; "
+              "it measures the shells (Serve, Data) alone and its embeddings identify nobody")
 
 
 def embedding_contract_id(
@@ -76,14 +80,13 @@ class EngineInfo:
     synthetic: bool
     runtime: dict[str, Any] = field(default_factory=dict)
     fallback: dict[str, Any] | None = None
+    probe: bool = False  # synthetic:probe, the zero-cost graph: a measurement of the shells
+    input_layout: str = "nchw_float"  # or "nhwc_uint8_bgr": the graph does the preprocessing
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if self.synthetic:
-            data["model_note"] = (
-                "SYNTHETIC model: real ArcFace architecture with seeded random weights, "
-                "for tests and benchmarks only; its embeddings identify nobody"
-            )
+            data["model_note"] = PROBE_NOTE if self.probe else SYNTHETIC_NOTE
         return data
 
 

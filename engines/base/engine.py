@@ -26,7 +26,7 @@ import numpy as np
 from ..config.schema import EmbeddingConfig, ValidationConfig, batch_order_error
 from ..errors import EngineError, missing_extra
 from .contract import EngineInfo, embedding_contract_id, preprocessing_tag
-from .preprocess import Normalization, l2_normalize, to_blob, validate_faces
+from .preprocess import NHWC_UINT8, Normalization, l2_normalize, to_blob, validate_faces
 
 if TYPE_CHECKING:
     from ..models.resolve import ResolvedModel
@@ -42,6 +42,8 @@ class EngineOptions:
     ``~/.cache/arcface``): models, converted graphs and plans are kept there.
     ``max_drift_cosine`` is the drift gate's bound, which a backend that converts a
     graph before building on it (TensorRT) checks the conversion against.
+    ``preprocess``: ``graph`` (and ``auto``) runs the preprocessing as ONNX nodes on backends
+    that can (the graph takes the raw uint8 crops), ``host`` keeps it in numpy (``to_blob``).
     """
 
     device: str = "cpu"
@@ -52,6 +54,7 @@ class EngineOptions:
     workspace_size_mb: int = EmbeddingConfig.workspace_size_mb
     cache_dir: str | None = None
     max_drift_cosine: float = ValidationConfig.max_drift_cosine
+    preprocess: str = EmbeddingConfig.preprocess  # auto | graph | host (see BaseEngine.runs_uint8_graph)
 
     def __post_init__(self) -> None:
         for sizes in ({"batch_size": self.batch_size, "max_batch_size": self.max_batch_size},
@@ -76,6 +79,9 @@ class BaseEngine(ABC):
     config_section: ClassVar[str | None] = None
     settings_type: ClassVar[type | None] = None
     _serialize_runs: bool = False
+    # True where the runtime runs the uint8-input graph (models.preprocess_graph): the backend
+    # then hands it the crops as they are instead of a float32 NCHW blob
+    runs_uint8_graph: ClassVar[bool] = False
     # True where precision "auto" may choose below fp32 on this host; the factory
     # then adds an fp32 retry of the backend behind it in the chain.
     auto_may_reduce_precision: bool = False
@@ -92,6 +98,7 @@ class BaseEngine(ABC):
         self._start_lock = threading.Lock()
         self._run_lock = threading.Lock()
         self._embedding_dim: int | None = None
+        self._warned_rounding = False
         # Set by the fallback chain: which backends were tried and why they were skipped.
         self.fallback_report: dict[str, Any] | None = None
 
@@ -119,7 +126,37 @@ class BaseEngine(ABC):
 
     @abstractmethod
     def _run(self, blob: np.ndarray) -> np.ndarray:
-        """Raw features ``(n, D)`` for a normalised ``(n, 3, 112, 112)`` float32 batch."""
+        """Raw features ``(n, D)`` for one batch of the graph's input: a normalised
+        ``(n, 3, 112, 112)`` float32 blob, or (uint8-input graph) the ``(n, 112, 112, 3)``
+        uint8 BGR crops themselves."""
+
+    def _with_graph_preprocessing(self, graph: ResolvedModel) -> ResolvedModel:
+        """``graph`` with the preprocessing as ONNX nodes, where this backend runs that and
+        ``options.preprocess`` is not ``host``; call it in ``_start`` before loading the graph."""
+        if self.options.preprocess == "host" or not self.runs_uint8_graph:
+            return graph
+        from ..models.preprocess_graph import with_uint8_input
+
+        return with_uint8_input(graph, self.cache_dir)
+
+    def _graph_input(self, faces: np.ndarray) -> np.ndarray:
+        """What ``_run`` gets for validated ``faces``: a float32 NCHW blob, or the uint8 crops
+        when the graph does its own preprocessing (float crops are rounded to uint8 there; a
+        fractional pixel value cannot be represented and is logged once)."""
+        if self.graph.input_layout != NHWC_UINT8:
+            return to_blob(faces, self.normalization)
+        if faces.dtype == np.uint8:
+            return faces
+        rounded = np.rint(faces)
+        if not self._warned_rounding and not np.array_equal(rounded, faces):
+            self._warned_rounding = True
+            logger.warning("float crops with fractional pixel values are rounded to uint8 for the "
+                           "in-graph preprocessing (embedding.preprocess: host keeps them exact)")
+        return rounded.astype(np.uint8)
+
+    def _warm_input(self, n: int) -> np.ndarray:
+        """``n`` blank faces in the graph's input form, for warm-ups."""
+        return self._graph_input(np.zeros((n, 112, 112, 3), np.uint8))
 
     def _runtime_info(self) -> dict[str, Any]:
         return {}
@@ -185,6 +222,8 @@ class BaseEngine(ABC):
             preprocessing=preprocessing,
             contract=embedding_contract_id(self.model.contract_sha256, self.embedding_dim, preprocessing),
             synthetic=self.model.synthetic,
+            probe=self.model.probe,
+            input_layout=self.graph.input_layout,
             runtime=self._runtime_info(),
             fallback=self.fallback_report,
         )
@@ -216,7 +255,7 @@ class BaseEngine(ABC):
         return l2_normalize(raw)
 
     def _forward(self, faces: np.ndarray) -> np.ndarray:
-        blob = to_blob(faces, self.normalization)
+        blob = self._graph_input(faces)
         if self._serialize_runs:
             with self._run_lock:
                 return np.asarray(self._run(blob), dtype=np.float32)

@@ -17,6 +17,10 @@ import numpy as np
 # part of the embedding contract id, so vectors from before and after never mix.
 PREPROCESSING_VERSION = "bgr2rgb-nchw-v1"
 FACE_SIZE = 112
+# Input layouts of a graph: the normalised float32 blob ``to_blob`` makes (the default), or the
+# raw uint8 BGR crops with the preprocessing as graph nodes (``models.preprocess_graph``).
+NCHW_FLOAT = "nchw_float"
+NHWC_UINT8 = "nhwc_uint8_bgr"
 _ACCEPTED_DTYPES = (np.uint8, np.float32, np.float64)
 
 

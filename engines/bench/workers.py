@@ -46,6 +46,7 @@ class BenchResult:
     speedup: float
     device: str = "cpu"
     synthetic: bool = False
+    probe: bool = False  # synthetic:probe: the figures are the harness's own cost, no model's
     requested_backend: str = ""
     error: str | None = None
     mem_kind: str = "rss"  # what peak_mem_mb measures: "rss" (host, CPU engines) | "device" (GPU memory)
@@ -354,6 +355,7 @@ def run_benchmark(
                 speedup=0.0,
                 device=info.get("device", spec.device or "?"),
                 synthetic=bool(info.get("synthetic", False)),
+                probe=bool(info.get("probe", False)),
                 error=runner.error,
                 mem_kind="device" if device_mb is not None else "rss",
             )
@@ -377,6 +379,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def _model_label(r: BenchResult) -> str:
+    if r.probe:
+        return f"{r.model} (PROBE)"
     return f"{r.model} (SYNTHETIC)" if r.synthetic else r.model
 
 
@@ -398,7 +402,10 @@ def format_table(results: list[BenchResult]) -> str:
             f"{r.throughput_fps:>9.1f} {r.latency_ms_p50:>8.1f} {r.latency_ms_p99:>8.1f} "
             f"{r.peak_mem_mb:>7.0f} {r.mem_kind:<6} {r.speedup:>6.2f}x"
         )
-    if any(r.synthetic for r in results):
+    if any(r.probe for r in results):
+        lines.append("PROBE: pooling + one linear layer, next to no compute; the figures are the "
+                     "harness's own cost per face, no model's")
+    if any(r.synthetic and not r.probe for r in results):
         lines.append("SYNTHETIC: seeded random weights, not a trained face model; the speed is real, "
                      "the embeddings identify nobody")
     kinds = {r.mem_kind for r in results if not r.error}

@@ -110,6 +110,10 @@ class EmbeddingConfig:
     workspace_size_mb: int = field(default=2048, metadata={"min": 16})
     fallback: tuple[str, ...] = ("onnx", "insightface")
     tensorrt_config: str | None = DEFAULT_TENSORRT_CONFIG
+    # graph: the preprocessing as ONNX nodes in front of the model (uint8 crops in) on the
+    # backends that run it; host: numpy to_blob; auto: graph (the insightface reference
+    # keeps its own preprocessing whatever this says)
+    preprocess: str = field(default="auto", metadata=_choices("auto", "graph", "host"))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def graph_facts(path: str, sha256: str) -> GraphFacts:
     except Exception as exc:
         raise ModelResolutionError(f"{path} is not a readable ONNX model: {exc}") from exc
     props = {p.key: p.value for p in model.metadata_props}
-    norm = detect_normalization([n.name for n in model.graph.node])
+    norm = _recorded_normalization(props) or detect_normalization([n.name for n in model.graph.node])
     macs = props.get("arcface_ray.macs_per_face")
     if macs is None:
         try:
@@ -48,6 +48,27 @@ def graph_facts(path: str, sha256: str) -> GraphFacts:
     dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
     dim = dims[-1].dim_value if dims and dims[-1].dim_value > 0 else None
     return GraphFacts(norm, int(macs) if macs is not None else None, dim, props)
+
+
+NORMALIZATION_KEY = "arcface_ray.normalization"  # "mean,std,swap_rb" of a derived graph's source
+
+
+def normalization_prop(norm: Normalization) -> str:
+    return f"{norm.mean!r},{norm.std!r},{int(norm.swap_rb)}"
+
+
+def _recorded_normalization(props: dict[str, str]) -> Normalization | None:
+    """The source's scaling, recorded in a derived graph whose own first nodes would no longer
+    tell it (the in-graph preprocessing puts a Cast and a Gather first)."""
+    text = props.get(NORMALIZATION_KEY)
+    if not text:
+        return None
+    try:
+        mean, std, swap = text.split(",")
+        return Normalization(float(mean), float(std), bool(int(swap)))
+    except ValueError:
+        logger.warning("ignoring unreadable %s=%r", NORMALIZATION_KEY, text)
+        return None
 
 
 def count_macs(model) -> int:

@@ -2,7 +2,8 @@
 
 References, in the order they are recognised:
 
-- ``synthetic:<arch>[@<seed>]``: ``iresnet50``, ``iresnet100``, ``mobilefacenet``;
+- ``synthetic:<arch>[@<seed>]``: ``iresnet50``, ``iresnet100``, ``mobilefacenet`` (and
+  ``probe``, the zero-cost graph that measures the shells alone);
   generated locally (see ``synthetic.py``), cached under ``<cache>/models/synthetic``;
 - ``s3://bucket/key.onnx``: downloaded once into ``<cache>/models/s3/``;
 - an insightface pack name (``buffalo_l``, ``antelopev2``, ...): the recognition
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-from ..base.preprocess import Normalization
+from ..base.preprocess import NCHW_FLOAT, Normalization
 from ..errors import ModelResolutionError
 from ..s3 import download_verified, make_client, parse_s3_uri, sha256_file
 from .graph import graph_facts
@@ -31,6 +32,7 @@ from .graph import graph_facts
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
+INPUT_LAYOUT_KEY = "arcface_ray.input_layout"  # metadata key of a graph whose input is not NCHW float
 DEFAULT_CACHE_DIR = "~/.cache/arcface"
 
 # Recognition model of each insightface pack, with the sha256 prefix the
@@ -60,19 +62,30 @@ class ResolvedModel:
     normalization: Normalization = field(default_factory=Normalization)
     macs_per_face: int | None = None
     embedding_dim: int | None = None  # from the graph's output shape, when static
+    # what the graph's input is: normalised float32 NCHW (the default), or the raw uint8 BGR
+    # NHWC crops with the preprocessing as graph nodes (``preprocess_graph.NHWC_UINT8``)
+    input_layout: str = NCHW_FLOAT
+
+    @property
+    def probe(self) -> bool:
+        """The zero-cost probe graph (``synthetic:probe``): never a face model."""
+        return self.synthetic and self.arch == "probe"
 
     @property
     def contract_sha256(self) -> str:
         return self.derived_from_sha256 or self.sha256
 
-    def derived(self, path: Path, sha256: str, precision: str) -> ResolvedModel:
-        """The same model re-expressed in another precision (see ``precision.py``)."""
+    def derived(self, path: Path, sha256: str, precision: str,
+                input_layout: str | None = None) -> ResolvedModel:
+        """The same model re-expressed: in another precision (``precision.py``) or with its
+        preprocessing in the graph (``preprocess_graph.py``); same weights, same contract."""
         return replace(
             self,
             path=str(path),
             sha256=sha256,
             precision=precision,
             derived_from_sha256=self.contract_sha256,
+            input_layout=input_layout or self.input_layout,
         )
 
     def to_dict(self) -> dict:
@@ -90,6 +103,8 @@ class ResolvedModel:
             "macs_per_face": self.macs_per_face,
             "embedding_dim": self.embedding_dim,
             "gmacs_per_face": None if self.macs_per_face is None else self.macs_per_face / 1e9,
+            "probe": self.probe,
+            "input_layout": self.input_layout,
         }
 
 
@@ -130,7 +145,29 @@ def _with_graph_facts(model: ResolvedModel) -> ResolvedModel:
         arch=model.arch or props.get("arcface_ray.arch"),
         precision=props.get("arcface_ray.precision", model.precision),
         derived_from_sha256=model.derived_from_sha256 or props.get("arcface_ray.derived_from_sha256"),
+        input_layout=props.get(INPUT_LAYOUT_KEY, model.input_layout),
     )
+
+
+def build_once(dest: Path, build, what: str) -> None:
+    """Make ``dest`` exactly once per host: ``build(tmp_path)`` writes a temporary file under
+    a file lock (and a thread lock), which is renamed into place; concurrent callers wait and
+    then find it. Generated models, converted graphs and in-graph preprocessing all use it."""
+    if dest.exists():
+        return
+    from filelock import FileLock
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _thread_lock(str(dest)), FileLock(str(dest) + ".lock"):
+        if dest.exists():
+            return
+        tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx")
+        logger.info("%s -> %s", what, dest)
+        try:
+            build(tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _resolve_synthetic(ref: str, cache: Path) -> ResolvedModel:
@@ -148,14 +185,8 @@ def _resolve_synthetic(ref: str, cache: Path) -> ResolvedModel:
     except ValueError:
         raise ModelResolutionError(f"synthetic seed must be an integer in {ref!r}") from None
     path = cache / "models" / "synthetic" / f"{arch}-s{seed}-g{synthetic.GENERATOR_VERSION}.onnx"
-    if not path.exists():
-        from filelock import FileLock
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _thread_lock(str(path)), FileLock(str(path) + ".lock"):
-            if not path.exists():
-                logger.info("generating synthetic %s (seed %d) -> %s", arch, seed, path)
-                synthetic.write_synthetic_model(arch, path, seed)
+    build_once(path, lambda tmp: synthetic.write_synthetic_model(arch, tmp, seed),
+               f"generating synthetic {arch} (seed {seed})")
     model_id = f"synthetic-{arch}" + (f"-s{seed}" if seed != synthetic.DEFAULT_SEED else "")
     return ResolvedModel(
         ref=ref,
@@ -223,7 +254,7 @@ def _resolve_local(ref: str) -> ResolvedModel:
         known = ", ".join(sorted(INSIGHTFACE_PACKS))
         raise ModelResolutionError(
             f"model {ref!r} is not a file, an s3:// URI, an insightface pack ({known}) or "
-            "synthetic:<iresnet50|iresnet100|mobilefacenet>"
+            "synthetic:<iresnet50|iresnet100|mobilefacenet|probe>"
         )
     return ResolvedModel(
         ref=ref, model_id=path.stem, path=str(path.resolve()), sha256=file_sha256(path), source="local"

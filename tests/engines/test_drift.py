@@ -13,6 +13,8 @@ class BgrFeedingEngine(OnnxEngine):
     """The classic drift bug (InsightFace-REST's TensorRT path since 2023): BGR into an
     RGB-trained model. A real ONNX Runtime session with a real preprocessing mistake."""
 
+    runs_uint8_graph = False  # its (wrong) preprocessing is the host's: the blob it builds
+
     @property
     def normalization(self) -> Normalization:
         return Normalization(127.5, 127.5, swap_rb=False)

@@ -15,6 +15,8 @@ from engines.fallback import ChainExhausted, start_chain
 
 
 class BgrFeedingEngine(OnnxEngine):
+    runs_uint8_graph = False  # its (wrong) preprocessing is the host's: the blob it builds
+
     @property
     def normalization(self) -> Normalization:
         return Normalization(127.5, 127.5, swap_rb=False)

@@ -49,3 +49,12 @@ def test_onnxruntime_build_says_which_distribution_is_in_charge():
     assert ("warning" in build) == (len(build["distributions"]) == 2)
     assert build["gpu_build"] == any(
         p in build["available_providers"] for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+
+
+def test_trt_ep_profile_follows_a_uint8_input_graph(mbf_model, tmp_path):
+    from engines.models.preprocess_graph import with_uint8_input
+
+    u8 = with_uint8_input(mbf_model, str(tmp_path))
+    name = graph_input_name(u8.path)
+    opts = tensorrt_ep_options(u8, name, str(tmp_path), opt_batch=32, max_batch=128, workspace_mb=1024)
+    assert opts["trt_profile_opt_shapes"] == f"{name}:32x112x112x3"

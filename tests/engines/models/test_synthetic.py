@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from engines import get_engine, jittered_faces
 from engines.models import count_macs, resolve_model
 from engines.models.synthetic import ARCHITECTURES, build_synthetic_onnx, calibration_batch
 
@@ -90,3 +91,18 @@ def test_embeddings_are_discriminative_on_real_faces(r50_model, face_set):
 def test_unknown_architecture_is_rejected():
     with pytest.raises(ValueError, match="iresnet50"):
         build_synthetic_onnx("resnet18")
+
+
+def test_the_probe_is_a_real_graph_that_costs_nothing_and_says_so():
+    probe = resolve_model("synthetic:probe")
+    assert probe.probe and probe.synthetic and probe.embedding_dim == 512
+    assert probe.macs_per_face < 100_000  # about 75k, against 6.3G for IResNet-50
+    info = get_engine("onnx", probe).info
+    assert info.probe and "PROBE" in info.to_dict()["model_note"]
+    assert not get_engine("onnx", resolve_model("synthetic:mobilefacenet")).info.probe
+    faces = jittered_faces(8, seed=1).faces
+    out = get_engine("onnx", probe).encode(faces)
+    assert out.shape == (8, 512) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    assert np.linalg.matrix_rank(out) == 8  # distinct faces, distinct rows: batching errors still show
+    reference = get_engine("insightface", probe).encode(faces)  # the real backends run it, same numbers
+    assert (out * reference).sum(1).min() >= 0.99999
