@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import bench, compare, demo, info, models, plans
+from . import bench, compare, demo, evaluate, info, models, plans
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -28,7 +28,7 @@ from .common import (
 )
 from .plugins import COMMANDS_GROUP, load_plugins
 
-BUILT_IN = (models.COMMAND, info.COMMAND, compare.COMMAND, bench.COMMAND, demo.COMMAND,
+BUILT_IN = (models.COMMAND, info.COMMAND, compare.COMMAND, evaluate.COMMAND, bench.COMMAND, demo.COMMAND,
             plans.BUILD, plans.ENGINES)
 
 __all__ = [

@@ -100,7 +100,9 @@ def test_info_carries_contract_and_diagnostics(onnx_mbf, mbf_model, r50_model):
                 "model_sha256", "contract"):
         assert key in info
     assert info["backend"] == "onnx" and info["embedding_dim"] == 512
-    assert info["model_sha256"] == mbf_model.sha256
+    # the sha256 of the graph that runs (the uint8-input variant by default), of the same weights
+    assert info["model_sha256"] == onnx_mbf.graph.sha256 and info["model_path"] == onnx_mbf.graph.path
+    assert onnx_mbf.graph.contract_sha256 == mbf_model.sha256
     assert "SYNTHETIC" in info["model_note"]
     ref_info = get_engine("insightface", mbf_model).info
     assert ref_info.contract == onnx_mbf.info.contract  # same weights, same space
