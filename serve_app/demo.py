@@ -62,7 +62,7 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
         info = requests.get(endpoints.http + "/v1/info", headers=headers, timeout=30).json()
         print(f"POST /v1/embed: {len(group)} faces of t1.jpg aligned on the server by landmarks -> "
               f"{served.shape}, backend {info['backend']}/{info['precision']}, contract {info['contract']}")
-        direct = get_engine(info["backend"], info["model_path"], precision=info["precision"]).encode(
+        direct = get_engine(info["backend"], info["model_ref"], precision=info["precision"]).encode(
             np.stack([f.crop for f in group])
         )
         cosine = (served * direct).sum(1)

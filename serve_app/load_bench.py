@@ -131,7 +131,7 @@ def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) 
     from engines import get_engine, jittered_faces
 
     engine = get_engine(
-        info["backend"], info["model_path"], precision=info["precision"], device=info["device"],
+        info["backend"], info["model_ref"], precision=info["precision"], device=info["device"],
         batch_size=batch_size, max_batch_size=max(batch_size, info.get("max_batch_size", batch_size)),
     )
     faces = jittered_faces(batch_size, seed=99).faces

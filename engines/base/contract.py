@@ -82,6 +82,10 @@ class EngineInfo:
     fallback: dict[str, Any] | None = None
     probe: bool = False  # synthetic:probe, the zero-cost graph: a measurement of the shells
     input_layout: str = "nchw_float"  # or "nhwc_uint8_bgr": the graph does the preprocessing
+    # the configured model reference (``embedding.model``): with backend and precision, what
+    # starts the same engine elsewhere (model_path is the derived graph, which another
+    # process would convert again and the drift gate's reference cannot run)
+    model_ref: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

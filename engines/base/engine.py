@@ -224,6 +224,7 @@ class BaseEngine(ABC):
             synthetic=self.model.synthetic,
             probe=self.model.probe,
             input_layout=self.graph.input_layout,
+            model_ref=self.model.ref,
             runtime=self._runtime_info(),
             fallback=self.fallback_report,
         )
