@@ -36,14 +36,6 @@ ROW_REASONS = (
 )
 
 
-class RowRejected(ValueError):
-    """A row this stage refuses, with the ``reason`` the errors table records."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class DecodeLimits:
     """Per-row limits: declared pixels decoded, bytes read, seconds per read (``episodes.*``)."""
@@ -86,25 +78,25 @@ def _landmarks(kps: Any) -> np.ndarray:
     try:
         values = np.asarray(kps.tolist() if isinstance(kps, np.ndarray) else kps, dtype=np.float64)
     except (TypeError, ValueError):
-        raise RowRejected("bad_landmarks", "kps must be 10 numbers (5 x, y landmarks)") from None
+        raise InputRefused("bad_landmarks", "kps must be 10 numbers (5 x, y landmarks)") from None
     if values.size != 10:
-        raise RowRejected("bad_landmarks", f"kps must be 5 (x, y) points, got {values.size} values")
+        raise InputRefused("bad_landmarks", f"kps must be 5 (x, y) points, got {values.size} values")
     return values.reshape(5, 2)
 
 
 def decode_one(data: bytes, kps: Any, max_pixels: int) -> np.ndarray:
-    """Bytes (+ optional landmarks) -> crop; raises ``RowRejected`` / ``ImageRejected``."""
+    """Bytes (+ optional landmarks) -> crop; raises ``InputRefused`` / ``ImageRejected``."""
     image = decode_image(data, max_pixels)
     if kps is not None and len(kps):
         landmarks = _landmarks(kps)
         try:
             check_landmarks(landmarks, image.shape)
         except ValueError as exc:
-            raise RowRejected("bad_landmarks", str(exc)) from None
+            raise InputRefused("bad_landmarks", str(exc)) from None
         return norm_crop(image, landmarks.astype(np.float32))
     if image.shape[:2] != (FACE_SIZE, FACE_SIZE):
         h, w = image.shape[:2]
-        raise RowRejected("not_aligned",
+        raise InputRefused("not_aligned",
                           f"image is {w}x{h}, not an aligned {FACE_SIZE}x{FACE_SIZE} crop, and has no kps")
     return image
 
@@ -113,12 +105,12 @@ def _row_bytes(image: Any, path: Any, reader: _Reader) -> bytes:
     if image is not None:
         data = bytes(image)
         if len(data) > reader.limits.max_file_bytes:
-            raise RowRejected("file_too_large", f"inline image is {len(data):,} bytes; at most "
+            raise InputRefused("file_too_large", f"inline image is {len(data):,} bytes; at most "
                                                 f"{reader.limits.max_file_bytes:,} are decoded")
         return data
     if path is not None:
         return reader.read(str(path))
-    raise RowRejected("no_image", "row has neither image bytes nor a path")
+    raise InputRefused("no_image", "row has neither image bytes nor a path")
 
 
 def decode_batch(
@@ -146,11 +138,13 @@ def decode_batch(
         try:
             data = _row_bytes(images[i], paths[i], reader)
             crops[i] = decode_one(data, kps[i], reader.limits.max_image_pixels)
-        except (RowRejected, ImageRejected, InputRefused) as exc:
+        except (InputRefused, ImageRejected) as exc:
             reasons[i], errors[i] = exc.reason, str(exc)
         except Exception as exc:  # a row never fails the job, whatever library raised
-            logger.warning("row %s (%s): %s", batch["uid"][i], sources[i], exc, exc_info=True)
-            reasons[i], errors[i] = "decode_error", f"{type(exc).__name__}: {str(exc)[:300]}"
+            kind = type(exc).__name__
+            logger.warning("row %s (%s): unexpected %s: %s", batch["uid"][i], sources[i], kind, exc)
+            logger.debug("row %s", batch["uid"][i], exc_info=True)
+            reasons[i], errors[i] = "decode_error", f"{kind}: {str(exc)[:300]}"
     out = {name: np.asarray(batch[name], dtype=object) for name in PASS_THROUGH}
     out.update(source=sources, crop=crops, reason=reasons, error=errors)
     return out

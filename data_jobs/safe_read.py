@@ -35,7 +35,7 @@ _CHUNK = 1 << 20
 
 
 class InputRefused(ValueError):
-    """A row's file that is not read: ``reason`` tags it in the errors table."""
+    """A row that is not read or not decoded: ``reason`` tags it in the errors table."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -86,7 +86,7 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"  # TMP_NAME
+        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"  # matches TMP_NAME
         with fs.open_output_stream(tmp) as fh:
             fh.write(data)
         fs.move(tmp, path)
@@ -136,7 +136,7 @@ def check_output_dir(loc: Location, probe: bool) -> None:
                           "the job creates or resumes")
     if not probe:
         return
-    path = loc.join(f".{uuid.uuid4().hex}.tmp").path  # TMP_NAME: a crash here leaves nothing foreign
+    path = loc.join(f".{uuid.uuid4().hex}.tmp").path  # TMP_NAME: cleaned like any crashed write
     try:
         write_atomic(loc.fs, path, b"")
         loc.fs.delete_file(path)
