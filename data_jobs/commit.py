@@ -6,12 +6,16 @@ and ``pyarrow.dataset`` see an ``episode_id`` column):
     <out>/embeddings/episode_id=<ep>/part-0.parquet   one row per embedded face
     <out>/embeddings/episode_id=<ep>/_SUCCESS         JSON: counts + engine info
     <out>/templates/episode_id=<ep>/part-0.parquet    per-track mean templates
-    <out>/errors/episode_id=<ep>/part-0.parquet       rows that failed, with reasons
+    <out>/errors/episode_id=<ep>/part-0.parquet       rows that failed: reason, error
 
 An episode is committed when its ``_SUCCESS`` exists: it is written last, after
 every data file, and staging is deleted only after it. A crash anywhere leaves
 either a committed episode or one whose staging still holds every finished row.
 Duplicate uids (a retried task) are dropped here, so each face is written once.
+Until ``_SUCCESS`` exists an episode's data files may be there, half of them new:
+``reader.py`` reads committed episodes only. Every path is built from a safe
+episode id (``ids.py``), and clean-up deletes the staging files the commit read and
+the temporary files of crashed writes, nothing else.
 """
 
 from __future__ import annotations
@@ -28,14 +32,25 @@ import pyarrow.compute as pc
 
 from engines import EngineError
 
-from .staging import STAGING_DIR, embedding_array, read_staged
-from .storage import Location, delete_dir, exists, read_bytes, write_atomic, write_parquet_atomic
+from .ids import require_safe_id
+from .staging import embedding_array, read_staged, remove_staging, staged_files
+from .storage import (
+    Location,
+    delete_files,
+    exists,
+    orphan_tmp_files,
+    read_bytes,
+    write_atomic,
+    write_parquet_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 ROW_COLUMNS = ("track_id", "frame", "embedding", "norm", "model_id", "model_sha256", "backend",
                "precision", "contract", "source")
+ERROR_COLUMNS = ("track_id", "frame", "source", "reason", "error")
+TABLES = ("embeddings", "templates", "errors")
 
 
 class IncompleteEpisode(EngineError):
@@ -48,10 +63,16 @@ class EpisodeResult:
     rows: int
     errors: int
     tracks: int
+    embedded: int  # rows of ``rows`` embedded by this run (not staged by an earlier one)
+
+
+def partition(output: Location, table: str, episode: str) -> Location:
+    """``<out>/<table>/episode_id=<episode>``, for a safe episode id only."""
+    return output.join(table, f"episode_id={require_safe_id(episode)}")
 
 
 def success_path(output: Location, episode: str) -> Location:
-    return output.join("embeddings", f"episode_id={episode}", SUCCESS)
+    return partition(output, "embeddings", episode).join(SUCCESS)
 
 
 def read_success(output: Location, episode: str) -> dict[str, Any] | None:
@@ -93,10 +114,12 @@ def track_templates(rows: pa.Table) -> pa.Table:
     })
 
 
-def commit_episode(output: Location, episode: str, expected_uids: set[str],
-                   engine: dict[str, Any], job: dict[str, Any]) -> EpisodeResult:
-    """Write the final files of ``episode`` from staging, then ``_SUCCESS``, then clean up."""
-    staged = read_staged(output, episode)
+def commit_episode(output: Location, episode: str, expected_uids: set[str], engine: dict[str, Any],
+                   job: dict[str, Any], staged_before: frozenset[str] = frozenset()) -> EpisodeResult:
+    """Write the final files of ``episode`` from staging, then ``_SUCCESS``, then clean up.
+    ``staged_before``: uids an earlier run staged (not counted as embedded by this one)."""
+    files = staged_files(output, episode)
+    staged = read_staged(output, files)
     staged_set = set(staged["uid"].to_pylist()) if staged is not None else set()
     missing = expected_uids - staged_set
     if missing:
@@ -105,27 +128,27 @@ def commit_episode(output: Location, episode: str, expected_uids: set[str],
             f"(e.g. {sorted(missing)[:3]}); re-run the job to finish them"
         )
     table = _dedupe(staged.filter(pc.is_in(staged["uid"], pa.array(sorted(expected_uids)))))
+    if "reason" not in table.column_names:  # staged by a version without reasons
+        table = table.append_column("reason", pa.nulls(table.num_rows, pa.string()))
     contracts = set(table["contract"].to_pylist())
     if len(contracts) > 1:
         raise IncompleteEpisode(f"episode {episode}: rows from several embedding contracts {contracts}")
     failed = pc.not_equal(table["error"], "")
     good = table.filter(pc.invert(failed)).sort_by([("track_id", "ascending"), ("frame", "ascending")])
     bad = table.filter(failed)
-    base = output.join("embeddings", f"episode_id={episode}")
-    write_parquet_atomic(output.fs, base.join("part-0.parquet").path, good.select(list(ROW_COLUMNS)))
+    dirs = {name: partition(output, name, episode) for name in TABLES}
+    for loc in dirs.values():  # a crash mid-write of an earlier commit left these
+        delete_files(output.fs, orphan_tmp_files(loc))
+    write_parquet_atomic(output.fs, dirs["embeddings"].join("part-0.parquet").path,
+                         good.select(list(ROW_COLUMNS)))
     if good.num_rows:
-        write_parquet_atomic(
-            output.fs,
-            output.join("templates", f"episode_id={episode}", "part-0.parquet").path,
-            track_templates(good),
-        )
+        write_parquet_atomic(output.fs, dirs["templates"].join("part-0.parquet").path, track_templates(good))
     if bad.num_rows:
-        write_parquet_atomic(
-            output.fs,
-            output.join("errors", f"episode_id={episode}", "part-0.parquet").path,
-            bad.select(["track_id", "frame", "source", "error"]),
-        )
-    result = EpisodeResult(episode, good.num_rows, bad.num_rows, len(set(good["track_id"].to_pylist())))
+        write_parquet_atomic(output.fs, dirs["errors"].join("part-0.parquet").path,
+                             bad.select(list(ERROR_COLUMNS)))
+    embedded = len(set(good["uid"].to_pylist()) - staged_before)
+    result = EpisodeResult(episode, good.num_rows, bad.num_rows, len(set(good["track_id"].to_pylist())),
+                           embedded)
     manifest = {
         "episode_id": episode,
         "rows": result.rows,
@@ -143,7 +166,7 @@ def commit_episode(output: Location, episode: str, expected_uids: set[str],
     }
     loc = success_path(output, episode)
     write_atomic(loc.fs, loc.path, json.dumps(manifest, indent=2).encode())
-    delete_dir(output.join(STAGING_DIR, episode))
+    remove_staging(output, episode, files)
     logger.info("committed episode %s: %d rows, %d errors, %d tracks", episode, result.rows,
                 result.errors, result.tracks)
     return result

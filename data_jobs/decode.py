@@ -1,24 +1,52 @@
-"""CPU stage: bytes -> aligned 112x112 BGR crops, one error string per row that failed.
+"""CPU stage: bytes -> aligned 112x112 BGR crops, one (reason, error) per row that failed.
 
-A row that cannot be read, decoded or aligned never stops the job: it leaves
-this stage with ``error`` set (and a black crop that the embed stage skips) and
-ends up in the errors table with its reason.
+A row that cannot be read, decoded or aligned never stops the job, whatever raised:
+it leaves this stage with ``reason`` and ``error`` set (and a black crop that the
+embed stage skips) and ends up in the errors table. The rules are the service's:
+``engines.decode_image`` (formats by magic bytes, the declared size checked before
+decoding) and ``engines.check_landmarks``, so the same bytes and landmarks are refused
+online and offline. Reads are bounded in bytes and in time (``safe_read``).
+
+``reason`` is one of ``ROW_REASONS`` (README "Offline job" lists what each means).
 """
 
 from __future__ import annotations
 
+import logging
 import posixpath
+from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
-from engines import FACE_SIZE, norm_crop
+from engines import FACE_SIZE, ImageRejected, check_landmarks, decode_image, norm_crop
 
-from .storage import locate, read_bytes
+from .safe_read import InputRefused, read_limited
+from .settings import EpisodeJobSettings
+from .storage import locate
+
+logger = logging.getLogger(__name__)
 
 PASS_THROUGH = ("uid", "episode_id", "track_id", "frame")
+ROW_REASONS = (
+    "unreadable", "not_a_file", "file_too_large", "read_timeout",  # reading (safe_read)
+    "not_an_image", "unsupported_format", "image_too_large",  # decoding (engines.decode_image)
+    "bad_landmarks", "not_aligned", "no_image", "decode_error",  # this module
+)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Per-row limits: declared pixels decoded, bytes read, seconds per read (``episodes.*``)."""
+
+    max_image_pixels: int
+    max_file_bytes: int
+    read_timeout_s: float
+
+    @classmethod
+    def of(cls, settings: EpisodeJobSettings) -> DecodeLimits:
+        return cls(settings.max_image_pixels, int(settings.max_file_mb * (1 << 20)), settings.read_timeout_s)
 
 
 def _column(batch: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
@@ -26,33 +54,63 @@ def _column(batch: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
     return value if value is not None else np.full(n, None, dtype=object)
 
 
-def _resolve(
-    path: str, fs: pafs.FileSystem, base: str | None, s3: dict[str, str | None] | None = None
-) -> tuple[pafs.FileSystem, str]:
-    if path.startswith("s3://"):
-        loc = locate(path, **(s3 or {}))  # the configured endpoint: MinIO / moto manifests too
-        return loc.fs, loc.path
-    if base is not None and not posixpath.isabs(path):
-        return fs, posixpath.join(base, path)
-    return fs, path
+class _Reader:
+    """Where a row's ``path`` is read from: ``s3://`` paths through the configured endpoint (one
+    filesystem per batch, not one per row), relative paths against the manifest's directory."""
+
+    def __init__(self, fs: pafs.FileSystem, base: str | None, s3: dict[str, str | None] | None,
+                 limits: DecodeLimits) -> None:
+        self.fs, self.base, self.s3, self.limits = fs, base, s3 or {}, limits
+        self._s3_fs: pafs.FileSystem | None = None
+
+    def read(self, path: str) -> bytes:
+        fs = self.fs
+        if path.startswith("s3://"):
+            loc = locate(path, **self.s3)  # the configured endpoint: MinIO / moto manifests too
+            self._s3_fs = self._s3_fs or loc.fs
+            fs, path = self._s3_fs, loc.path
+        elif self.base is not None and not posixpath.isabs(path):
+            path = posixpath.join(self.base, path)
+        return read_limited(fs, path, self.limits.max_file_bytes, self.limits.read_timeout_s)
 
 
-def decode_one(data: bytes | None, kps: Any, where: str) -> np.ndarray:
-    """Bytes (+ optional landmarks) -> crop; raises ``ValueError`` with the reason."""
-    if not data:
-        raise ValueError("empty file")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"not a decodable image ({len(data)} bytes)")
+def _landmarks(kps: Any) -> np.ndarray:
+    try:
+        values = np.asarray(kps.tolist() if isinstance(kps, np.ndarray) else kps, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputRefused("bad_landmarks", "kps must be 10 numbers (5 x, y landmarks)") from None
+    if values.size != 10:
+        raise InputRefused("bad_landmarks", f"kps must be 5 (x, y) points, got {values.size} values")
+    return values.reshape(5, 2)
+
+
+def decode_one(data: bytes, kps: Any, max_pixels: int) -> np.ndarray:
+    """Bytes (+ optional landmarks) -> crop; raises ``InputRefused`` / ``ImageRejected``."""
+    image = decode_image(data, max_pixels)
     if kps is not None and len(kps):
-        landmarks = np.asarray(kps, dtype=np.float32).reshape(-1)
-        if landmarks.size != 10 or not np.isfinite(landmarks).all():
-            raise ValueError(f"kps must be 5 finite (x, y) points, got {landmarks.size} values")
-        return norm_crop(image, landmarks.reshape(5, 2))
+        landmarks = _landmarks(kps)
+        try:
+            check_landmarks(landmarks, image.shape)
+        except ValueError as exc:
+            raise InputRefused("bad_landmarks", str(exc)) from None
+        return norm_crop(image, landmarks.astype(np.float32))
     if image.shape[:2] != (FACE_SIZE, FACE_SIZE):
         h, w = image.shape[:2]
-        raise ValueError(f"image is {w}x{h}, not an aligned {FACE_SIZE}x{FACE_SIZE} crop, and has no kps")
+        raise InputRefused("not_aligned",
+                          f"image is {w}x{h}, not an aligned {FACE_SIZE}x{FACE_SIZE} crop, and has no kps")
     return image
+
+
+def _row_bytes(image: Any, path: Any, reader: _Reader) -> bytes:
+    if image is not None:
+        data = bytes(image)
+        if len(data) > reader.limits.max_file_bytes:
+            raise InputRefused("file_too_large", f"inline image is {len(data):,} bytes; at most "
+                                                f"{reader.limits.max_file_bytes:,} are decoded")
+        return data
+    if path is not None:
+        return reader.read(str(path))
+    raise InputRefused("no_image", "row has neither image bytes nor a path")
 
 
 def decode_batch(
@@ -60,34 +118,33 @@ def decode_batch(
     filesystem: pafs.FileSystem | None = None,
     base: str | None = None,
     s3: dict[str, str | None] | None = None,
+    limits: DecodeLimits | None = None,
 ) -> dict[str, np.ndarray]:
     """``map_batches`` function (numpy format) of the decode/align stage.
 
     ``s3`` (``endpoint_url``, ``region``) is how ``s3://`` paths inside a manifest
-    are reached: the same store settings as the job's input and output.
+    are reached: the same store settings as the job's input and output. ``limits``
+    default to those of ``config/episodes.yaml``'s defaults.
     """
     n = len(batch["uid"])
-    fs = filesystem or pafs.LocalFileSystem()
+    limits = limits or DecodeLimits.of(EpisodeJobSettings())
+    reader = _Reader(filesystem or pafs.LocalFileSystem(), base, s3, limits)
     paths, images, kps = _column(batch, "path", n), _column(batch, "image", n), _column(batch, "kps", n)
     crops = np.zeros((n, FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    reasons = np.full(n, "", dtype=object)
     errors = np.full(n, "", dtype=object)
-    sources = np.empty(n, dtype=object)
+    sources = np.array([str(p) if p is not None else "<inline>" for p in paths], dtype=object)
     for i in range(n):
-        path = paths[i]
-        sources[i] = str(path) if path is not None else "<inline>"
         try:
-            if images[i] is not None:
-                data = bytes(images[i])
-            elif path is not None:
-                try:
-                    data = read_bytes(*_resolve(str(path), fs, base, s3))
-                except OSError as exc:  # pyarrow's IO errors are OSErrors too
-                    raise ValueError(f"cannot read {path}: {exc}") from None
-            else:
-                raise ValueError("row has neither image bytes nor a path")
-            crops[i] = decode_one(data, kps[i], sources[i])
-        except ValueError as exc:
-            errors[i] = str(exc)
+            data = _row_bytes(images[i], paths[i], reader)
+            crops[i] = decode_one(data, kps[i], reader.limits.max_image_pixels)
+        except (InputRefused, ImageRejected) as exc:
+            reasons[i], errors[i] = exc.reason, str(exc)
+        except Exception as exc:  # a row never fails the job, whatever library raised
+            kind = type(exc).__name__
+            logger.warning("row %s (%s): unexpected %s: %s", batch["uid"][i], sources[i], kind, exc)
+            logger.debug("row %s", batch["uid"][i], exc_info=True)
+            reasons[i], errors[i] = "decode_error", f"{kind}: {str(exc)[:300]}"
     out = {name: np.asarray(batch[name], dtype=object) for name in PASS_THROUGH}
-    out.update(source=sources, crop=crops, error=errors)
+    out.update(source=sources, crop=crops, reason=reasons, error=errors)
     return out

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import pyarrow.dataset as pads
-
 from engines import DemoStep
 
 logger = logging.getLogger(__name__)
@@ -15,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 def demo_step(cfg, model, workdir) -> dict[str, Any]:
     from .embed_episodes import JobSpec, format_report, run_job
+    from .reader import read_committed
     from .sample import make_sample_episodes
     from .settings import load_job_settings
 
@@ -28,7 +27,7 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
     try:
         report = run_job(spec)
         print(format_report(report))
-        rows = pads.dataset(out / "embeddings", format="parquet", partitioning="hive").to_table()
+        rows = read_committed(str(out))
         print(f"output rows {rows.num_rows}, columns {rows.column_names}")
         again = run_job(spec)
         print(f"re-run: {again.episodes_skipped} episodes already committed, "

@@ -4,7 +4,7 @@ Ray Data's actor pool calls it with batches of decoded crops. The engine is
 resolved once, in ``__init__``, through the same fallback chain as the online
 service, so a GPU node runs TensorRT and a CPU node the CPU fast path, and each
 row records which backend embedded it. Rows whose decode failed are passed
-through with their error and a zero embedding; only real crops reach the engine.
+through with their reason and error and a zero embedding; only real crops reach the engine.
 ``fault`` holds test hooks only: fault injection, and a trace of which node embedded what.
 """
 
@@ -86,7 +86,7 @@ class EmbedActor:
         self._batches += 1
         if self._record is not None:
             self._record_batch(batch["uid"][ok])
-        out = {k: batch[k] for k in ("uid", "episode_id", "track_id", "frame", "source", "error")}
+        out = {k: batch[k] for k in ("uid", "episode_id", "track_id", "frame", "source", "reason", "error")}
         out.update(embedding=embeddings, norm=norms)
         for key, value in self.meta.items():
             out[key] = np.full(n, value, dtype=object)

@@ -32,10 +32,11 @@ import pyarrow.compute as pc
 from engines import ConfigError, configured_model, load_config, model_contract, run_with_exit_codes
 
 from .commit import commit_episode, committed_episodes
+from .decode import DecodeLimits
 from .settings import EpisodeJobSettings, load_job_settings
 from .sources import InputIndex, discover, make_uid
-from .staging import StagingDatasink, staged_uids
-from .storage import Location, locate
+from .staging import StagedEpisode, StagingDatasink, list_staged, remove_staging
+from .storage import Location, check_output_dir, delete_files, locate, orphan_tmp_files
 
 logger = logging.getLogger("data_jobs.embed_episodes")
 
@@ -49,7 +50,8 @@ class JobReport:
     episodes_committed: int
     inputs: int
     rows_processed: int
-    faces: int
+    faces: int  # rows committed by this run (some may have been embedded by an earlier, crashed one)
+    faces_embedded: int  # rows embedded by this run: what faces_per_s counts
     failures: int
     seconds: float
     faces_per_s: float
@@ -102,11 +104,27 @@ def _check_output_contract(committed: dict[str, dict], contract: str, output: st
         )
 
 
-def _pending_rows(index: InputIndex, done_episodes: set[str], staged: dict[str, set[str]]) -> pa.Table:
+def _check_staged_contract(staged: dict[str, StagedEpisode], contract: str, output: str) -> None:
+    """Staging of an interrupted run with another model: committing would mix its vectors with this
+    run's (or wedge on them); say how to finish or drop it instead."""
+    other = {ep: s.contracts for ep, s in staged.items() if set(s.contracts) - {contract}}
+    if not other:
+        return
+    ep, contracts = next(iter(other.items()))
+    theirs, model_id = next((c, m) for c, m in contracts.items() if c != contract)
+    raise ConfigError(
+        f"output {output} holds rows staged by an interrupted run and not committed yet ({len(other)} "
+        f"episode(s), e.g. {ep}) of embedding contract {theirs} (model id {model_id}); this run would write "
+        f"contract {contract}. Finish that run first (re-run it with the same --model and --config), or "
+        f"delete {output}/_staging to drop its uncommitted rows, or use a new --output"
+    )
+
+
+def _pending_rows(index: InputIndex, done_episodes: set[str], staged: dict[str, StagedEpisode]) -> pa.Table:
     table = index.table
     if done_episodes:
         table = table.filter(pc.invert(pc.is_in(table["episode_id"], pa.array(sorted(done_episodes)))))
-    staged_all = set().union(*staged.values()) if staged else set()
+    staged_all = set().union(*(s.uids for s in staged.values()))
     if staged_all:
         table = table.filter(pc.invert(pc.is_in(table["uid"], pa.array(sorted(staged_all)))))
     return table
@@ -162,7 +180,8 @@ def run_pipeline(spec: JobSpec, index: InputIndex, pending: pa.Table, output: Lo
         batch_format="numpy",
         batch_size=s.decode_batch_size,
         num_cpus=s.decode_num_cpus,
-        fn_kwargs={"filesystem": index.location.fs, "base": base, "s3": _s3_settings(cfg)},
+        fn_kwargs={"filesystem": index.location.fs, "base": base, "s3": _s3_settings(cfg),
+                   "limits": DecodeLimits.of(s)},
     )
     ds = ds.map_batches(
         EmbedActor,
@@ -189,23 +208,46 @@ def run_pipeline(spec: JobSpec, index: InputIndex, pending: pa.Table, output: Lo
     ds.write_datasink(sink, ray_remote_args={"num_cpus": s.write_num_cpus})
 
 
+def _clean_leftovers(output: Location, leftovers: dict[str, StagedEpisode]) -> None:
+    """Staging of episodes committed before a crash ended their clean-up, and a write probe's
+    temporary file: this job's own files only (``remove_staging``)."""
+    for episode, staged in leftovers.items():
+        logger.info("removing the leftover staging of committed episode %s (%d files)", episode,
+                    len(staged.files))
+        remove_staging(output, episode, staged.files)
+    delete_files(output.fs, orphan_tmp_files(output))
+
+
 def run_job(spec: JobSpec) -> JobReport:
-    """Embed every episode of ``spec.input`` not yet committed in ``spec.output``."""
+    """Embed every episode of ``spec.input`` not yet committed in ``spec.output``.
+
+    Everything that can refuse the run does so before Ray starts: the input (``discover``),
+    the output (not a directory, not writable), another contract in the output, committed
+    or staged."""
     cfg = load_config(spec.embedding_config, overrides=_engine_overrides(spec))
     storage = cfg.storage
     input_loc = locate(spec.input, storage.endpoint_url, storage.region)
     output = locate(spec.output, storage.endpoint_url, storage.region)
+    check_output_dir(output, probe=False)
     index = discover(input_loc, spec.settings.image_extensions)
     model = configured_model(cfg)
     contract = model_contract(model)
     episodes = index.episodes
     committed = committed_episodes(output, episodes)
     _check_output_contract(committed, contract, output.uri)
-    staged = {ep: uids for ep, uids in staged_uids(output).items() if ep not in committed}
+    found = list_staged(output, set(episodes))
+    staged = {ep: s for ep, s in found.items() if ep not in committed}
+    leftovers = {ep: s for ep, s in found.items() if ep in committed}
+    _check_staged_contract(staged, contract, output.uri)
+    to_commit = [ep for ep in episodes if ep not in committed]
+    if to_commit or leftovers:
+        check_output_dir(output, probe=True)
+        _clean_leftovers(output, leftovers)
     pending = _pending_rows(index, set(committed), staged)
     logger.info(
         "%d episodes (%d committed, skipped), %d inputs, %d rows already staged, %d to embed",
-        len(episodes), len(committed), index.table.num_rows, sum(map(len, staged.values())), pending.num_rows,
+        len(episodes), len(committed), index.table.num_rows, sum(len(s.uids) for s in staged.values()),
+        pending.num_rows,
     )
     started = time.perf_counter()
     if pending.num_rows:
@@ -220,17 +262,20 @@ def run_job(spec: JobSpec) -> JobReport:
         zip(by_episode["episode_id"].to_pylist(), by_episode["uid_list"].to_pylist(), strict=True)
     )
     results = [
-        commit_episode(output, ep, set(expected[ep]), engine, job) for ep in episodes if ep not in committed
+        commit_episode(output, ep, set(expected[ep]), engine, job,
+                       frozenset(staged[ep].uids) if ep in staged else frozenset())
+        for ep in to_commit
     ]
     seconds = time.perf_counter() - started
-    faces = sum(r.rows for r in results)
-    failures = sum(r.errors for r in results)
+    embedded = sum(r.embedded for r in results)
     return JobReport(
         input=input_loc.uri, output=output.uri, episodes=len(episodes), episodes_skipped=len(committed),
         episodes_committed=len(results), inputs=index.table.num_rows, rows_processed=pending.num_rows,
-        faces=faces, failures=failures, seconds=seconds,
-        # embedded faces only: undecodable rows are cheap and would flatter the rate
-        faces_per_s=(faces / seconds) if faces and seconds > 0 else 0.0,
+        faces=sum(r.rows for r in results), faces_embedded=embedded,
+        failures=sum(r.errors for r in results), seconds=seconds,
+        # faces this run embedded only: undecodable rows are cheap and would flatter the rate, and
+        # rows an earlier run staged took none of this run's time
+        faces_per_s=(embedded / seconds) if embedded and seconds > 0 else 0.0,
         engine=engine,
     )
 
@@ -254,7 +299,8 @@ def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit
     columns = {name: np.asarray(table[name].to_pylist(), dtype=object) for name in table.column_names}
     base = None if index.kind == "directory" else index.manifest_files[0].rsplit("/", 1)[0]
     cfg = cfg or load_config(spec.embedding_config, overrides=_engine_overrides(spec))
-    decoded = decode_batch(columns, index.location.fs, base, _s3_settings(cfg))
+    decoded = decode_batch(columns, index.location.fs, base, _s3_settings(cfg),
+                           DecodeLimits.of(spec.settings))
     crops = decoded["crop"][np.array([not e for e in decoded["error"]])]
     engine = load_engine(cfg)
     engine.encode(crops[:batch_size])
@@ -323,8 +369,9 @@ def format_report(r: JobReport) -> str:
     lines = [
         f"episodes  {r.episodes} ({r.episodes_skipped} already committed, "
         f"{r.episodes_committed} committed now)",
-        f"faces     {r.faces} embedded, {r.failures} failures, {r.rows_processed} rows processed this run",
-        f"time      {r.seconds:.1f} s -> {r.faces_per_s:.1f} faces/s (excluding cluster start)",
+        f"faces     {r.faces} committed ({r.faces_embedded} embedded by this run), {r.failures} failures, "
+        f"{r.rows_processed} rows processed this run",
+        f"time      {r.seconds:.1f} s -> {r.faces_per_s:.1f} faces/s embedded (excluding cluster start)",
         f"output    {r.output}  (engine {r.engine.get('model_id')}, contract {r.engine.get('contract')})",
     ]
     if r.inprocess_fps:

@@ -27,6 +27,16 @@ class EpisodeJobSettings:
     max_tasks_in_flight_per_actor: int = field(default=2, metadata={"min": 1})
     execution_no_progress_timeout_s: float = 3600.0
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png")
+    # Per-row limits on untrusted inputs; a row past one is an error row, never a failed job.
+    # Declared width x height above which a file is not decoded (the service's default too):
+    # decoding allocates 3 bytes per declared pixel, whatever the file's size.
+    max_image_pixels: int = field(default=40_000_000, metadata={"min": 1})
+    # Largest file (or inline image) read, MiB: the size is checked before reading, and no
+    # more than this is ever read (a /dev/zero-like path never ends).
+    max_file_mb: float = field(default=64.0, metadata={"min": 0.001})
+    # Wall-clock limit on reading one object from S3, seconds (an endpoint that stalls or
+    # trickles): the row becomes a read_timeout error. 0: no limit.
+    read_timeout_s: float = field(default=60.0, metadata={"min": 0.0})
 
 
 def load_job_settings(path: str | Path | None = None, **overrides: Any) -> EpisodeJobSettings:

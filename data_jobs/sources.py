@@ -9,8 +9,10 @@
 ``discover`` builds the *index*: one small row per expected face (``uid`` =
 ``episode/track/frame``), never the image bytes. The index is what resume
 compares against (which uids are done) and what commits check completeness
-against. Malformed inputs (missing columns, duplicate uids, nothing found)
-are refused here, before any cluster work, with a message naming the problem.
+against. Malformed inputs (missing columns, columns of the wrong type, ids outside
+the safe alphabet of ``ids.py``, duplicate uids, nothing found, a symbolic link that
+makes one directory two episodes) are refused here, before any cluster work, with a
+message naming the problem and the paths or values.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engines import ConfigError
 
+from .ids import ID_COLUMNS, SAFE_ID, SAFE_ID_RULE, is_safe_id, unsafe_ids
+from .safe_read import InputRefused, show_path, walk_local
 from .storage import Location, exists, is_dir, list_files
 
 logger = logging.getLogger(__name__)
@@ -61,26 +66,60 @@ def _check_unique(table: pa.Table, where: str) -> None:
         raise InputError(f"{where}: duplicate (episode_id, track_id, frame) rows, e.g. {dupes}")
 
 
+def _unsafe_message(where: str, what: str, examples: list[str]) -> str:
+    return (f"{where}: {what} that cannot be used as episode_id / track_id / frame, e.g. "
+            f"{', '.join(examples)}; "
+            f"ids must be {SAFE_ID_RULE} (they become directory names and row keys)")
+
+
+def _directory_candidates(loc: Location) -> tuple[list[tuple[tuple[str, ...], str]], list[str]]:
+    """(parts relative to the root, path) of every entry three levels down, and the misplaced ones."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        tree = walk_local(loc.path, depth=3)
+        if tree.aliases:
+            link, first = tree.aliases[0]
+            raise InputError(
+                f"{show_path(link)} and {show_path(first)} are the same directory (a symbolic link): its "
+                f"frames would be embedded twice, under two ids ({len(tree.aliases)} such link(s)); remove "
+                "the link, or list the frames once in a Parquet manifest"
+            )
+        return tree.entries, tree.misplaced
+    entries, misplaced = [], []
+    for info in list_files(loc):
+        parts = tuple(posixpath.relpath(info.path, loc.path).split("/"))
+        if len(parts) == 3:
+            entries.append((parts, info.path))
+        else:
+            misplaced.append("/".join(parts))
+    return entries, misplaced
+
+
 def _discover_directory(loc: Location, extensions: tuple[str, ...]) -> InputIndex:
-    files = list_files(loc)
+    """Every entry ``<episode>/<track>/<frame>.<ext>``: regular files, and special files and
+    broken links too (the decode stage lists those in the errors table without reading them)."""
+    try:
+        entries, misplaced = _directory_candidates(loc)
+    except (InputRefused, OSError) as exc:
+        raise InputError(f"input {loc.uri}: {exc}") from None
     rows: dict[str, list] = {"episode_id": [], "track_id": [], "frame": [], "path": []}
-    misplaced = []
     exts = {e.lower().lstrip(".") for e in extensions}
-    for info in files:
-        rel = posixpath.relpath(info.path, loc.path)
-        parts = rel.split("/")
-        name, _, ext = parts[-1].rpartition(".")
-        if len(parts) != 3 or ext.lower() not in exts or not name or parts[-1].startswith("."):
-            misplaced.append(rel)
+    unsafe = []
+    for (episode, track, file_name), path in entries:
+        name, _, ext = file_name.rpartition(".")
+        if ext.lower() not in exts or not name or file_name.startswith("."):
+            misplaced.append(f"{episode}/{track}/{file_name}")
             continue
-        rows["episode_id"].append(parts[0])
-        rows["track_id"].append(parts[1])
-        rows["frame"].append(name)
-        rows["path"].append(info.path)
+        if not all(is_safe_id(part) for part in (episode, track, name)):
+            unsafe.append(show_path(f"{episode}/{track}/{file_name}"))
+            continue
+        for key, value in zip(rows, (episode, track, name, path), strict=True):
+            rows[key].append(value)
+    if unsafe:
+        raise InputError(_unsafe_message(loc.uri, f"{len(unsafe)} file(s) named with ids", unsafe[:5]))
     if misplaced:
         logger.warning(
-            "%d file(s) under %s are not <episode>/<track>/<frame>.{%s} and are ignored, e.g. %s",
-            len(misplaced), loc.uri, ",".join(sorted(exts)), misplaced[:3],
+            "%d entries under %s are not <episode>/<track>/<frame>.{%s} and are ignored, e.g. %s",
+            len(misplaced), loc.uri, ",".join(sorted(exts)), [show_path(m) for m in misplaced[:3]],
         )
     if not rows["path"]:
         raise InputError(
@@ -98,32 +137,93 @@ def _manifest_files(loc: Location) -> list[str]:
     return [loc.path]
 
 
+def _base_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_landmark_list(t: pa.DataType) -> bool:
+    while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        t = t.value_type
+        if pa.types.is_integer(t) or pa.types.is_floating(t):
+            return True
+    return False
+
+
+# column -> (accepted type, what to write instead): checked in every file, before any work
+_COLUMN_TYPES = {
+    "episode_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "a string or integer column"),
+    "track_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "a string or integer column"),
+    "frame": (lambda t: _is_text(t) or pa.types.is_integer(t), "a string or integer column"),
+    "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t),
+              "a binary column of encoded image bytes (pa.binary()), or file paths in a 'path' column"),
+    "path": (_is_text, "a string column of paths"),
+    "kps": (_is_landmark_list, "a list column of 10 numbers (5 x, y landmarks) per row"),
+}
+
+
+def _check_types(schema: pa.Schema, where: str) -> None:
+    for name, (accepts, expected) in _COLUMN_TYPES.items():
+        if name in schema.names:
+            t = schema.field(name).type
+            if not (pa.types.is_null(t) or accepts(_base_type(t))):
+                raise InputError(f"manifest {where}: column {name!r} is {t}; expected {expected}")
+
+
+def _check_ids(table: pa.Table, where: str) -> None:
+    examples: list[str] = []
+    for col in ID_COLUMNS:
+        ok = pc.match_substring_regex(table[col], f"^{SAFE_ID.pattern}$")
+        examples += unsafe_ids(table[col].filter(pc.invert(ok)).to_pylist(), 5 - len(examples))
+        if len(examples) == 5:
+            break
+    if examples:
+        raise InputError(_unsafe_message(f"manifest {where}", "ids", [repr(e) for e in examples]))
+
+
+def _read_manifest(files: list[str], loc: Location) -> tuple[pa.Table, bool]:
+    """The index columns of every manifest file (ids as strings: integers in decimal), after
+    checking each file's columns and types; and whether any file has inline images."""
+    tables, inline = [], False
+    for f in files:
+        schema = pq.read_schema(f, filesystem=loc.fs)
+        names = set(schema.names)
+        missing = [c for c in ID_COLUMNS if c not in names]
+        if missing:
+            raise InputError(f"manifest {f} lacks column(s) {missing}; it has {sorted(names)}")
+        if "image" not in names and "path" not in names:
+            raise InputError(f"manifest {f} needs an 'image' (bytes) or a 'path' column")
+        _check_types(schema, f)
+        inline = inline or "image" in names
+        t = pq.read_table(f, columns=[*ID_COLUMNS, *(c for c in ("path", "kps") if c in names)],
+                          filesystem=loc.fs)
+        for col in (*ID_COLUMNS, "path"):
+            if col in names:
+                t = t.set_column(t.schema.get_field_index(col), col, pc.cast(t[col], pa.string()))
+        tables.append(t)
+    return pa.concat_tables(tables, promote_options="permissive"), inline
+
+
 def _discover_manifest(loc: Location) -> InputIndex:
     files = _manifest_files(loc)
     if not files:
         raise InputError(f"no .parquet manifest files under {loc.uri}")
-    schema = pq.read_schema(files[0], filesystem=loc.fs)
-    names = set(schema.names)
-    missing = [c for c in ("episode_id", "track_id", "frame") if c not in names]
-    if missing:
-        raise InputError(f"manifest {loc.uri} lacks column(s) {missing}; it has {sorted(names)}")
-    if "image" not in names and "path" not in names:
-        raise InputError(f"manifest {loc.uri} needs an 'image' (bytes) or a 'path' column")
-    columns = ["episode_id", "track_id", "frame"] + [c for c in ("path", "kps") if c in names]
-    tables = []
-    for f in files:
-        t = pq.read_table(f, columns=columns, filesystem=loc.fs)
-        tables.append(t)
-    table = pa.concat_tables(tables)
-    table = table.set_column(0, "episode_id", pc.cast(table["episode_id"], pa.string()))
-    table = table.set_column(1, "track_id", pc.cast(table["track_id"], pa.string()))
-    table = table.set_column(2, "frame", pc.cast(table["frame"], pa.string()))
-    for col in ("episode_id", "track_id", "frame"):
+    try:
+        table, inline = _read_manifest(files, loc)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise InputError(f"manifest {loc.uri} cannot be read: {str(exc)[:300]}") from None
+    if table.num_rows == 0:
+        raise InputError(f"manifest {loc.uri} has no rows: nothing to embed")
+    for col in ID_COLUMNS:
         if table[col].null_count:
             raise InputError(f"manifest {loc.uri}: column {col!r} has {table[col].null_count} null value(s)")
+    _check_ids(table, loc.uri)
     table = table.add_column(0, "uid", make_uid(table["episode_id"], table["track_id"], table["frame"]))
     _check_unique(table, loc.uri)
-    return InputIndex("manifest", loc, table, has_inline_images="image" in names, manifest_files=tuple(files))
+    return InputIndex("manifest", loc, table, has_inline_images=inline, manifest_files=tuple(files))
 
 
 def discover(loc: Location, extensions: tuple[str, ...] = ("jpg", "jpeg", "png")) -> InputIndex:

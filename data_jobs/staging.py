@@ -6,6 +6,10 @@ tasks) writes each block's rows, grouped by episode, to
 the uids it holds, so a write task Ray retries after a worker died rewrites
 the *same* file instead of adding a duplicate; each file appears atomically.
 After a crash, the staged uids are exactly the rows that need no recompute.
+
+The job owns ``_staging/`` and nothing in it but files named ``STAGED_NAME`` (and
+``write_atomic``'s temporary files): those are what it reads back, and all it ever
+deletes; a foreign file keeps its directory.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import signal
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,11 +30,29 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from .storage import Location, list_files, write_parquet_atomic
+from .ids import require_safe_id
+from .storage import (
+    Location,
+    delete_files,
+    list_files,
+    orphan_tmp_files,
+    remove_dir_if_empty,
+    write_parquet_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = "_staging"
+STAGED_NAME = re.compile(r"[0-9a-f]{20}\.parquet")
+
+
+def staging_dir(output: Location, episode: str) -> Location:
+    return output.join(STAGING_DIR, require_safe_id(episode))
+
+
+def staged_name(uids: list[str]) -> str:
+    """The file name of a staged part: a hash of its sorted uids (a retried write rewrites it)."""
+    return hashlib.sha1("\n".join(sorted(uids)).encode()).hexdigest()[:20] + ".parquet"
 
 
 def embedding_array(values: Any, dim: int | None = None) -> pa.FixedSizeListArray:
@@ -69,9 +93,7 @@ class StagingDatasink(Datasink):
             table = normalize_rows(table)
             for episode in pc.unique(table["episode_id"]).to_pylist():
                 part = table.filter(pc.equal(table["episode_id"], episode))
-                uids = "\n".join(sorted(part["uid"].to_pylist()))
-                name = hashlib.sha1(uids.encode()).hexdigest()[:20]
-                path = self.output.join(STAGING_DIR, episode, f"{name}.parquet").path
+                path = staging_dir(self.output, episode).join(staged_name(part["uid"].to_pylist())).path
                 write_parquet_atomic(self.output.fs, path, part.drop_columns(["episode_id"]))
                 written += part.num_rows
             self._maybe_crash_driver()
@@ -87,31 +109,64 @@ class StagingDatasink(Datasink):
             os.kill(int(pid), signal.SIGKILL)
 
 
-def staged_uids(output: Location) -> dict[str, set[str]]:
-    """episode_id -> uids already staged (readable files only; others are ignored)."""
-    done: dict[str, set[str]] = {}
+@dataclass
+class StagedEpisode:
+    """What ``_staging/<episode>/`` holds: its staging files, their uids, and the embedding
+    contract (-> model id) of their rows."""
+
+    files: list[str] = field(default_factory=list)
+    uids: set[str] = field(default_factory=set)
+    contracts: dict[str, str] = field(default_factory=dict)
+
+
+def _read_part(output: Location, path: str, columns: list[str] | None = None) -> pa.Table | None:
+    try:
+        return pq.read_table(path, columns=columns, filesystem=output.fs)
+    except (OSError, pa.ArrowInvalid) as exc:
+        logger.warning("ignoring unreadable staging file %s: %s", path, exc)
+        return None
+
+
+def list_staged(output: Location, episodes: set[str]) -> dict[str, StagedEpisode]:
+    """episode -> what is staged for it, for the ``episodes`` of this input (one listing; a
+    staged episode of another input is left alone). Unreadable files are skipped: their
+    rows are recomputed and the file is rewritten."""
+    found: dict[str, StagedEpisode] = {}
     root = output.join(STAGING_DIR)
     for info in list_files(root):
-        if not info.path.endswith(".parquet"):
+        parts = info.path[len(root.path) + 1 :].split("/")
+        if len(parts) != 2 or parts[0] not in episodes or not STAGED_NAME.fullmatch(parts[1]):
             continue
-        episode = info.path.rsplit("/", 2)[-2]
-        try:
-            uids = pq.read_table(info.path, columns=["uid"], filesystem=output.fs)["uid"].to_pylist()
-        except (OSError, pa.ArrowInvalid) as exc:
-            logger.warning("ignoring unreadable staging file %s: %s", info.path, exc)
+        table = _read_part(output, info.path, ["uid", "contract", "model_id"])
+        if table is None:
             continue
-        done.setdefault(episode, set()).update(uids)
-    return done
+        staged = found.setdefault(parts[0], StagedEpisode())
+        staged.files.append(info.path)
+        staged.uids.update(table["uid"].to_pylist())
+        pairs = zip(table["contract"].to_pylist(), table["model_id"].to_pylist(), strict=True)
+        for contract, model in set(pairs):
+            staged.contracts.setdefault(contract, model)
+    return found
 
 
-def read_staged(output: Location, episode: str) -> pa.Table | None:
-    files = [i.path for i in list_files(output.join(STAGING_DIR, episode)) if i.path.endswith(".parquet")]
-    tables = []
-    for path in sorted(files):
-        try:
-            tables.append(pq.read_table(path, filesystem=output.fs))
-        except (OSError, pa.ArrowInvalid) as exc:
-            logger.warning("ignoring unreadable staging file %s: %s", path, exc)
+def staged_files(output: Location, episode: str) -> list[str]:
+    return sorted(i.path for i in list_files(staging_dir(output, episode), recursive=False)
+                  if STAGED_NAME.fullmatch(i.base_name))
+
+
+def read_staged(output: Location, files: list[str]) -> pa.Table | None:
+    """The rows of the staging ``files`` of one episode (unreadable files skipped)."""
+    tables = [t for path in files if (t := _read_part(output, path)) is not None]
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def remove_staging(output: Location, episode: str, files: list[str]) -> None:
+    """Delete the staging ``files`` of ``episode`` (the ones its commit read, or an already
+    committed episode's leftovers), the temporary files a crashed write left beside them,
+    then the directories if nothing else is in them."""
+    directory = staging_dir(output, episode)
+    delete_files(output.fs, [*files, *orphan_tmp_files(directory)])
+    remove_dir_if_empty(directory)
+    remove_dir_if_empty(output.join(STAGING_DIR))

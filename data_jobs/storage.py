@@ -9,7 +9,9 @@ atomic per object).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -17,6 +19,12 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from engines import ConfigError
+
+# ``write_atomic``'s temporary names: a crash between write and rename leaves one behind,
+# and only names of exactly this form are ever cleaned up as this job's own.
+TMP_NAME = re.compile(r"\.[0-9a-f]{32}\.tmp")
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"  # matches TMP_NAME
         with fs.open_output_stream(tmp) as fh:
             fh.write(data)
         fs.move(tmp, path)
@@ -93,6 +101,45 @@ def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> Non
     write_atomic(fs, path, sink.getvalue().to_pybytes())
 
 
-def delete_dir(loc: Location) -> None:
-    if exists(loc):
+def delete_files(fs: pafs.FileSystem, paths: list[str]) -> None:
+    """Delete exactly ``paths`` (files); ones already gone are fine."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(path)
+
+
+def remove_dir_if_empty(loc: Location) -> None:
+    """Remove the directory ``loc`` only if nothing is left in it: a file this job did not
+    write (someone's notes, another tool's output) keeps it, and is never deleted."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type != pafs.FileType.Directory:
+        return
+    if not loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)):
         loc.fs.delete_dir(loc.path)
+
+
+def orphan_tmp_files(loc: Location) -> list[str]:
+    """Temporary files ``write_atomic`` left directly in ``loc`` (a crash between write and rename)."""
+    return [i.path for i in list_files(loc, recursive=False) if TMP_NAME.fullmatch(i.base_name)]
+
+
+def check_output_dir(loc: Location, probe: bool) -> None:
+    """Refuse an output that cannot hold the job's files, before any work: one that exists and
+    is not a directory, and (``probe``: the run will write) one where a small file cannot be
+    written (read-only, permissions, a missing bucket), by writing and removing one."""
+    try:
+        kind = loc.fs.get_file_info(loc.path).type
+    except OSError as exc:
+        raise ConfigError(f"output {loc.uri} cannot be reached: {str(exc)[:300]}") from None
+    if kind not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+        raise ConfigError(f"output {loc.uri} exists and is not a directory; --output names a directory "
+                          "the job creates or resumes")
+    if not probe:
+        return
+    path = loc.join(f".{uuid.uuid4().hex}.tmp").path  # TMP_NAME: cleaned like any crashed write
+    try:
+        write_atomic(loc.fs, path, b"")
+        loc.fs.delete_file(path)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)[:300]
+        raise ConfigError(f"output {loc.uri} is not writable ({reason}); nothing was run") from None

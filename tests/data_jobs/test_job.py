@@ -1,11 +1,15 @@
-"""The episode job on a real local Ray: outputs, errors, resume, killed actor, crashed driver, S3."""
+"""The episode job on a real local Ray: outputs, errors, resume, killed actor, crashed driver, S3,
+and the hostile inputs of issue 18 (each an error row, or a refusal before any work)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -17,11 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_jobs.embed_episodes import JobSpec, inprocess_reference, run_job
+from data_jobs.reader import read_committed
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
 from data_jobs.sources import discover
 from data_jobs.storage import locate
-from engines import get_engine
+from engines import ConfigError, get_engine
 from engines.base.align import norm_crop
 
 pytestmark = pytest.mark.integration
@@ -46,23 +51,41 @@ def spec(input_uri: str, output: str, **settings) -> JobSpec:
 
 
 def read_rows(output: str):
-    return pads.dataset(f"{output}/embeddings", format="parquet", partitioning="hive").to_table()
+    return read_committed(output)
 
 
-def assert_exactly_once(rows, sample) -> None:
+def vectors(rows) -> dict[str, np.ndarray]:
+    keys = pc.binary_join_element_wise(rows["episode_id"], rows["track_id"], rows["frame"], "/").to_pylist()
+    emb = rows["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, 512)
+    return dict(zip(keys, emb, strict=True))
+
+
+def assert_exactly_once(rows, sample, reference: dict[str, np.ndarray] | None = None) -> None:
+    """Every decodable row once; with ``reference`` (a clean run), bit for bit its vectors."""
     keys = pc.binary_join_element_wise(rows["episode_id"], rows["track_id"], rows["frame"], "/")
     assert rows.num_rows == sample.decodable
     assert len(pc.unique(keys)) == rows.num_rows
+    if reference is not None:
+        got = vectors(rows)
+        assert got.keys() == reference.keys()
+        assert all(np.array_equal(got[k], reference[k]) for k in got), "vectors differ from a clean run"
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_local, sample, tmp_path_factory):
+    """The directory layout embedded once, undisturbed: the reference the fault tests match."""
+    out = str(tmp_path_factory.mktemp("clean") / "out")
+    return out, run_job(spec(sample.directory, out))
 
 
 def snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_directory_layout(ray_local, sample, engine, tmp_path):
-    out = str(tmp_path / "out")
-    report = run_job(spec(sample.directory, out))
+def test_directory_layout(ray_local, sample, engine, clean_run):
+    out, report = clean_run
     assert (report.faces, report.failures, report.episodes_committed) == (sample.decodable, sample.corrupt, 2)
+    assert report.faces_embedded == report.faces and report.faces_per_s > 0
     rows = read_rows(out)
     assert_exactly_once(rows, sample)
     assert rows.schema.field("embedding").type.list_size == 512
@@ -76,9 +99,9 @@ def test_directory_layout(ray_local, sample, engine, tmp_path):
     norms = rows["norm"].to_numpy()
     np.testing.assert_allclose(norms, engine.encode_with_norms(np.stack([cv2.imread(p) for p in paths]))[1],
                                rtol=1e-4)
-    errors = pq.read_table(f"{out}/errors")
+    errors = read_committed(out, "errors")
     assert errors.num_rows == sample.corrupt
-    assert all("not a decodable image" in e for e in errors["error"].to_pylist())
+    assert set(errors["reason"].to_pylist()) == {"not_an_image"}
     templates = pq.read_table(f"{out}/templates")
     assert templates.num_rows == 2 * 3 and sum(templates["frame_count"].to_pylist()) == sample.decodable
     tpl = templates["template"].combine_chunks().flatten().to_numpy().reshape(-1, 512)
@@ -91,6 +114,24 @@ def test_directory_layout(ray_local, sample, engine, tmp_path):
     again = run_job(spec(sample.directory, out))
     assert (again.episodes_skipped, again.rows_processed, again.faces) == (2, 0, 0)
     assert snapshot(Path(out)) == before, "a second run must write nothing"
+
+
+def test_the_reader_sees_committed_episodes_only(clean_run, sample):
+    out, _ = clean_run
+    success = Path(out) / "embeddings" / "episode_id=ep001" / "_SUCCESS"
+    marker = success.read_bytes()
+    success.unlink()  # ep001's files are there, its commit is not (a crash, or a commit under way)
+    try:
+        everything = pads.dataset(f"{out}/embeddings", format="parquet", partitioning="hive").to_table()
+        assert "ep001" in everything["episode_id"].to_pylist(), "the test must hide rows a glob would see"
+        rows = read_committed(out)
+        assert set(rows["episode_id"].to_pylist()) == {"ep000"}
+        assert rows.num_rows == pc.sum(pc.equal(everything["episode_id"], "ep000")).as_py()
+        assert set(read_committed(out, "templates")["episode_id"].to_pylist()) == {"ep000"}
+        assert rows.schema.field("episode_id").type == pa.string()
+    finally:
+        success.write_bytes(marker)
+    assert read_committed(out).num_rows == sample.decodable
 
 
 def test_manifest_layout_with_inline_images_and_landmarks(ray_local, sample, engine, tmp_path):
@@ -122,7 +163,7 @@ def test_manifest_layout_with_inline_images_and_landmarks(ray_local, sample, eng
     assert inprocess_reference(spec(sample.manifest, out), discover(locate(sample.manifest)), 8) > 0
 
 
-def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sample, tmp_path):
+def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sample, clean_run, tmp_path):
     out, marker = str(tmp_path / "out"), tmp_path / "actor-killed"
     job = spec(sample.directory, out, batch_size=4)
     fault = {"kill_actor_after_batches": 2, "kill_actor_marker": str(marker)}
@@ -130,27 +171,65 @@ def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sam
     report = run_job(job)
     assert marker.exists(), "the fault was not injected: the test proves nothing"
     assert report.faces == sample.decodable and report.failures == sample.corrupt
-    assert_exactly_once(read_rows(out), sample)
+    assert_exactly_once(read_rows(out), sample, vectors(read_rows(clean_run[0])))
+    assert not (Path(out) / "_staging").exists()
 
 
-def test_crashed_driver_resumes_without_loss_or_duplicates(sample, tmp_path):
+def test_crashed_driver_resumes_without_loss_or_duplicates(sample, clean_run, tmp_path):
+    """SIGKILL of the driver mid-job, then: another model over its staging is refused (with the
+    way out); the right one resumes, embeds only the missing rows (faces_per_s counts those),
+    commits every row once with a clean run's vectors bit for bit, and cleans the staging and
+    temporary files it made, nothing else; leftovers of a commit cut short are cleaned later."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_jobs.embed_episodes", "--input", sample.directory,
-           "--output", str(out), "--backend", "onnx", "--model", MODEL, "--batch-size", "4"]
+           "--output", str(out), "--backend", "onnx", "--batch-size", "4"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    crashed = subprocess.run([*cmd, "--inject-crash-driver-after-files", "2"], capture_output=True, text=True,
-                             timeout=600, env=env)
+    crashed = subprocess.run([*cmd, "--model", MODEL, "--inject-crash-driver-after-files", "2"],
+                             capture_output=True, text=True, timeout=600, env=env)
     assert crashed.returncode == -9, crashed.stderr[-2000:]  # SIGKILL, mid-job
-    staged = list((out / "_staging").rglob("*.parquet"))
+    staged = sorted((out / "_staging").rglob("*.parquet"))
     assert staged, "nothing was staged before the crash"
-    done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=600, env=env)
+    saved = {p: p.read_bytes() for p in staged}
+    staged_good = sum(pc.sum(pc.equal(pq.read_table(p)["error"], "")).as_py() for p in staged)
+    episode_dir = staged[0].parent
+    foreign = episode_dir / "NOTES.txt"  # not the job's: must survive its clean-up
+    foreign.write_text("keep me")
+    orphan = episode_dir / f".{uuid.uuid4().hex}.tmp"  # a write the crash cut short
+    orphan.write_bytes(b"partial")
+
+    before = snapshot(out)
+    other = subprocess.run([*cmd, "--model", "synthetic:mobilefacenet@7"], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "interrupted run" in other.stderr and f"delete {out}/_staging" in other.stderr, other.stderr[-999:]
+    assert "Traceback" not in other.stderr
+    assert snapshot(out) == before, "a refused run must not touch the output"
+
+    done = subprocess.run([*cmd, "--model", MODEL, "--json"], capture_output=True, text=True, timeout=600,
+                          env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     total = sample.decodable + sample.corrupt
     assert report["rows_processed"] < total, "the resumed run recomputed rows that were already staged"
-    assert_exactly_once(read_rows(str(out)), sample)
-    assert pq.read_table(out / "errors").num_rows == sample.corrupt
-    assert not list((out / "_staging").rglob("*.parquet"))
+    assert report["faces"] == sample.decodable
+    assert report["faces_embedded"] == sample.decodable - staged_good
+    assert report["faces_per_s"] == pytest.approx(report["faces_embedded"] / report["seconds"])
+    assert_exactly_once(read_rows(str(out)), sample, vectors(read_rows(clean_run[0])))
+    assert read_committed(str(out), "errors").num_rows == sample.corrupt
+    assert not list((out / "_staging").rglob("*.parquet")) and not orphan.exists()
+    assert foreign.read_text() == "keep me"
+
+    # a commit cut short between _SUCCESS and its clean-up leaves staging behind: the next run
+    # removes it (it is the job's own), and changes nothing else
+    leftover, data = next(iter(saved.items()))
+    leftover.write_bytes(data)
+    committed = {k: v for k, v in snapshot(out).items() if not k.startswith("_staging")}
+    again = subprocess.run([*cmd, "--model", MODEL, "--json"], capture_output=True, text=True, timeout=600,
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["rows_processed"] == 0
+    assert not leftover.exists() and foreign.exists()
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith("_staging")} == committed
 
 
 def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_path):
@@ -166,10 +245,8 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_pa
     assert report.faces == sample.decodable and report.failures == sample.corrupt
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="frames", Prefix="out/")["Contents"]]
     assert "out/embeddings/episode_id=ep000/_SUCCESS" in keys
-    fs = locate("s3://frames/out", s3_endpoint).fs
-    rows = pads.dataset("frames/out/embeddings", filesystem=fs, format="parquet",
-                        partitioning="hive").to_table()
-    assert_exactly_once(rows, sample)
+    assert not [k for k in keys if k.startswith("out/_staging") or k.endswith(".tmp")], keys
+    assert_exactly_once(read_committed("s3://frames/out", endpoint_url=s3_endpoint), sample)
 
     # a local manifest whose rows point into the bucket: reached through the same endpoint
     files = sorted(root.rglob("*.jpg"))
@@ -184,18 +261,154 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_pa
     assert report.faces == sample.decodable and report.failures == sample.corrupt
     assert_exactly_once(read_rows(str(tmp_path / "out-manifest")), sample)
 
+    # an output in a bucket that does not exist: refused before any work, not at the first write
+    with pytest.raises(ConfigError, match="output s3://no-such-bucket/out is not writable"):
+        run_job(spec(str(manifest), "s3://no-such-bucket/out"))
+
+
+def _manifest(where: Path, **columns) -> str:
+    pq.write_table(pa.table(columns), where)
+    return str(where)
+
 
 def test_bad_job_input_exits_2_with_a_message(sample, tmp_path):
-    base = [sys.executable, "-m", "data_jobs.embed_episodes", "--output", str(tmp_path / "o")]
+    """Each refused before any work: exit 2, a message naming the problem, no traceback, and
+    nothing written (a manifest id aiming the staging at a directory outside the output included)."""
+    out = tmp_path / "o"
+    base = [sys.executable, "-m", "data_jobs.embed_episodes", "--output", str(out)]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("not the job's")
+    ids = {"track_id": ["t"], "frame": ["1"]}
+    non_utf8 = tmp_path / "non-utf8"
+    shutil.copytree(Path(sample.directory) / "ep000", non_utf8 / "ep000")
+    os.rename(non_utf8 / "ep000" / "track001", os.fsencode(non_utf8 / "ep000") + b"/track\xff")
+    linked = tmp_path / "linked"
+    shutil.copytree(Path(sample.directory) / "ep000", linked / "ep000")
+    (linked / "ep001").symlink_to(linked / "ep000")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
     cases = [
         (["--input", str(tmp_path / "missing")], "does not exist"),
         (["--input", sample.directory, "--concurrency", "3,1"], "MIN <= MAX"),
         (["--input", sample.directory, "--model", "synthetic:resnet9"], "unknown synthetic architecture"),
+        (["--input", _manifest(tmp_path / "escape.parquet", episode_id=["../../victim"], path=["x"], **ids)],
+         "cannot be used as episode_id"),
+        (["--input", _manifest(tmp_path / "empty.parquet", episode_id=pa.array([], pa.string()),
+                               track_id=pa.array([], pa.string()), frame=pa.array([], pa.string()),
+                               path=pa.array([], pa.string()))], "has no rows"),
+        (["--input", _manifest(tmp_path / "text.parquet", episode_id=["e"], image=["not bytes"], **ids)],
+         "column 'image' is string"),
+        (["--input", str(non_utf8)], "ep000/track\\xff/00000.jpg"),
+        (["--input", str(linked)], "are the same directory"),
+        (["--input", sample.directory, "--output", str(a_file)], "exists and is not a directory"),
     ]
     for extra, message in cases:
         proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
-        assert message in proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
+        assert not out.exists(), (extra, "a refused job wrote to its output")
+    assert (victim / "precious.txt").read_text() == "not the job's"
+    assert a_file.read_text() == "x"
+
+
+@contextmanager
+def read_only(path: Path):
+    """``path`` made read-only for this process: mode 0555, and for root (whom modes do not stop)
+    the immutable attribute; skips the test where neither holds."""
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(path)],
+                                                     capture_output=True).returncode == 0
+    try:
+        probe = path / "probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("cannot make a read-only directory here")
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+def test_a_read_only_output_is_refused_before_any_work(sample, tmp_path):
+    with read_only(tmp_path / "ro") as out:
+        proc = subprocess.run([sys.executable, "-m", "data_jobs.embed_episodes", "--input", sample.directory,
+                               "--output", str(out), "--backend", "onnx", "--model", MODEL],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"output {out} is not writable" in proc.stderr and "nothing was run" in proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not list(out.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_hostile_files_are_error_rows_and_the_good_rows_commit(ray_local, sample, clean_run, hostile_inline,
+                                                              tmp_path):
+    """Crafted headers, a declared 20000x20000 PNG, an oversized file, a FIFO, a broken link and a
+    device in the directory layout: one error row each, with its reason; every good row is
+    committed, with a clean run's vectors bit for bit."""
+    root = tmp_path / "episodes"
+    shutil.copytree(sample.directory, root)
+    track = root / "ep000" / "track001"
+    expected = {}
+    for i, (name, data, kps, reason, _) in enumerate(hostile_inline):
+        if kps is None and isinstance(data, bytes):  # landmarks and typed values need a manifest
+            (track / f"h{i:03d}.jpg").write_bytes(data)
+            expected[f"h{i:03d}"] = (reason, name)
+    os.mkfifo(track / "h901.jpg")
+    (track / "h902.jpg").symlink_to(track / "gone.jpg")
+    (track / "h903.jpg").symlink_to("/dev/zero")
+    expected.update({"h901": ("not_a_file", "fifo"), "h902": ("not_a_file", "broken link"),
+                     "h903": ("not_a_file", "device")})
+    out = str(tmp_path / "out")
+    report = run_job(spec(str(root), out, max_file_mb=0.0477))  # 50,000 bytes: the oversized row's limit
+    assert report.failures == sample.corrupt + len(expected)
+    errors = read_committed(out, "errors")
+    got = {f: r for f, r in zip(errors["frame"].to_pylist(), errors["reason"].to_pylist(), strict=True)}
+    for frame, (reason, name) in expected.items():
+        assert got.get(frame) == reason, (name, got.get(frame))
+    assert all(errors["error"].to_pylist()) and all(errors["source"].to_pylist())
+    assert_exactly_once(read_rows(out), sample, vectors(read_rows(clean_run[0])))
+    assert sum(read_committed(out, "templates")["frame_count"].to_pylist()) == sample.decodable
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_hostile_manifest_rows_are_error_rows_and_the_good_rows_commit(ray_local, sample, hostile_inline,
+                                                                       stalled_s3, monkeypatch, tmp_path):
+    """Inline crafted bytes, landmarks far outside / huge / fractions / miscounted, paths to a FIFO
+    and a device, and an S3 object whose endpoint stalls: one error row each, in bounded time
+    (read_timeout_s, not the hour-long stall timeout); every good row committed."""
+    monkeypatch.setenv("ARCFACE_STORAGE__ENDPOINT_URL", stalled_s3)
+    shutil.copytree(Path(sample.manifest).parent, tmp_path / "manifest")
+    rows = pq.read_table(tmp_path / "manifest" / "manifest.parquet").to_pylist()
+    os.mkfifo(tmp_path / "fifo.jpg")
+    expected = {}
+    hostile = [(name, data, kps, reason) for name, data, kps, reason, _ in hostile_inline
+               if isinstance(data, bytes) and all(isinstance(v, float) for v in kps or [])]
+    hostile += [("fifo", None, None, "not_a_file"), ("device", None, None, "not_a_file"),
+                ("stalled", None, None, "read_timeout")]
+    paths = {"fifo": str(tmp_path / "fifo.jpg"), "device": "/dev/zero", "stalled": "s3://bucket/stalled.jpg"}
+    for i, (name, data, kps, reason) in enumerate(hostile):
+        rows.append({"episode_id": "ep001", "track_id": "track002", "frame": f"h{i:03d}", "image": data,
+                     "path": paths.get(name), "kps": kps})
+        expected[f"h{i:03d}"] = (reason, name)
+    manifest = tmp_path / "manifest" / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(manifest)), manifest)
+    out = str(tmp_path / "out")
+    report = run_job(spec(str(manifest), out, max_file_mb=0.0477, read_timeout_s=3.0))
+    assert report.failures == sample.corrupt + len(expected)
+    assert report.seconds < 600, "a stalled read held the job"
+    errors = read_committed(out, "errors")
+    got = {f: r for f, r in zip(errors["frame"].to_pylist(), errors["reason"].to_pylist(), strict=True)}
+    for frame, (reason, name) in expected.items():
+        assert got.get(frame) == reason, (name, got.get(frame))
+    assert_exactly_once(read_rows(out), sample)
 
 
 def test_other_contract_in_output_is_refused(ray_local, sample, tmp_path):
