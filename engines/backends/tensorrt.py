@@ -140,6 +140,16 @@ class TensorRTEngine(BaseEngine):
     def _run(self, blob: np.ndarray) -> np.ndarray:
         return self._runner.run(blob)
 
+    def layer_precisions(self) -> dict[str, int]:
+        """Layer outputs per data type, from TensorRT's engine inspector (``TrtRunner.layer_precisions``).
+
+        The proof that an fp16 engine computes in fp16: parity alone cannot tell a plan
+        TensorRT 10 quietly built in fp32.
+        """
+        self.ensure_ready()
+        with self._run_lock:
+            return self._runner.layer_precisions()
+
     def _engine_path(self) -> str:
         return str(self._entry.path) if self._entry else self.graph.path
 

@@ -289,11 +289,14 @@ class TrtRunner:
     def close(self) -> None:
         """Tear down on this runner's device, in the order CUDA and TensorRT need.
 
-        The device first (the calling thread may have another current device); then
-        the stream is synced, so no copy or kernel is in flight when the context
-        goes; then the context, our buffers and stream, the engine, the runtime.
+        The device first (the calling thread may have another current device, and is
+        given it back at the end); then the stream is synced, so no copy or kernel is in
+        flight when the context goes; then the context, our buffers and stream, the
+        engine, the runtime.
         """
+        previous = None
         try:
+            previous = cuda_rt.current_device()
             cuda_rt.set_device(self.device_id)
         except Exception as exc:  # teardown must not mask the error that caused it
             logger.warning("close: cudaSetDevice(%d) failed: %s", self.device_id, exc)
@@ -312,3 +315,8 @@ class TrtRunner:
         self._resources.clear()
         self.engine = None
         self._runtime = None
+        if previous is not None and previous != self.device_id:
+            try:
+                cuda_rt.set_device(previous)
+            except Exception as exc:
+                logger.warning("close: could not make device %d current again: %s", previous, exc)

@@ -54,7 +54,7 @@ PROBE = textwrap.dedent("""
     thread.start()
     thread.join()
     out["calls"] = calls
-    out["thread_locals"] = [name for name, value in vars(cuda_rt).items() if isinstance(value, threading.local)]
+    out["thread_locals"] = [n for n, v in vars(cuda_rt).items() if isinstance(v, threading.local)]
     out["logged"] = records
     try:
         cuda_rt.DeviceBuffer(16)
