@@ -53,7 +53,7 @@ def import_tensorrt(purpose: str = "the tensorrt backend") -> Any:
     try:
         import tensorrt
     except ImportError:
-        raise missing_extra("tensorrt", "gpu", purpose) from None
+        raise missing_extra("tensorrt-cu13", "gpu", purpose) from None
     return tensorrt
 
 
