@@ -66,6 +66,7 @@ PIP_TARGET := $(BIN)/python -m pip install --quiet --disable-pip-version-check -
 .PHONY: api-bindings
 api-bindings: $(API_STAMP)
 $(API_STAMP): Makefile $(wildcard $(STANDINS)/*.c) | $(STAMP)
+	@command -v gcc >/dev/null || { echo "make api-bindings needs gcc (e.g. apt-get install gcc)" >&2; exit 1; }
 	rm -rf $(VENV)/trt-bindings $(VENV)/cuda-bindings
 	$(PIP_TARGET) $(VENV)/trt-bindings/10 tensorrt-cu12-bindings==$(TRT10_BINDINGS_VERSION)
 	$(PIP_TARGET) $(VENV)/trt-bindings/11 tensorrt-cu13-bindings==$(TRT11_BINDINGS_VERSION)
