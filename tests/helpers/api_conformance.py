@@ -19,6 +19,9 @@ runtime`` / ``from cuda import cudart`` (cuda family). Types then flow through
 assignments, tuple unpacking, ``self.x`` attributes, function parameters (from the
 call sites of the walked code), return values, the binding's own docstring return
 types, and ``check(result)`` (cuda.py's unwrapper of cuda-python result tuples).
+
+This module is the walk (type inference); ``api_bindings`` reads the binding (signatures,
+property types, argument compatibility) and ``api_checks`` records and judges each use.
 """
 
 from __future__ import annotations
@@ -26,29 +29,16 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import inspect
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LITERALS = ("int", "float", "str", "bytes", "bool", "None", "tuple", "list")
+from api_bindings import Binding, T, _literal
+from api_checks import Checks, Usage, _src
+
 UNWRAPPERS = {"check"}  # engines/tensorrt/cuda.py: (err, *values) -> values
-
-
-@dataclass(frozen=True)
-class T:
-    """An inferred type: ``kind`` module | class | inst | func | method | result | tuple | lit | local."""
-
-    kind: str
-    path: tuple[str, ...] = ()
-    items: tuple[Any, ...] = ()
-    local: Any = None  # ClassInfo for a class of ours derived from a binding class
-
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"T({self.kind}:{'.'.join(self.path)})"
 
 
 @dataclass(eq=False)
@@ -73,177 +63,10 @@ class Scope:
     funcs: dict[str, ast.FunctionDef] = field(default_factory=dict)  # functions defined in this scope
 
 
-class Binding:
-    """The binding under test: the module, its classes by path, signatures from docstrings."""
-
-    def __init__(self, family: str) -> None:
-        self.family = family
-        name = "tensorrt_bindings" if family == "tensorrt" else "cuda.bindings.runtime"
-        self.module = importlib.import_module(name)
-        self.version = str(getattr(self.module, "__version__", "")) or _dist_version(family)
-        self.class_paths: dict[type, tuple[str, ...]] = {}
-        for attr in dir(self.module):
-            obj = getattr(self.module, attr, None)
-            if isinstance(obj, type):
-                self.class_paths.setdefault(obj, (attr,))
-                for inner, value in vars(obj).items():
-                    if isinstance(value, type):
-                        self.class_paths.setdefault(value, (attr, inner))
-
-    def resolve(self, path: tuple[str, ...]) -> Any:
-        obj = self.module
-        for part in path:
-            obj = getattr(obj, part)
-        return obj
-
-    def type_of_object(self, obj: Any, path: tuple[str, ...]) -> T | None:
-        if inspect.ismodule(obj):
-            return T("module", path)
-        if isinstance(obj, type):
-            return T("class", self.class_paths.get(obj, path))
-        if callable(obj) and not isinstance(obj, type):
-            return T("func", path)
-        cls = self.class_paths.get(type(obj))
-        if cls is not None:
-            return T("inst", cls)
-        return _literal(obj)
-
-    def type_from_annotation(self, text: str) -> T | None:
-        """``tensorrt_bindings.tensorrt.ITensor`` / ``:py:obj:`~.cudaDeviceProp``` / ``int`` -> a type."""
-        text = text.strip()
-        if text in LITERALS:
-            return T("lit", (text,))
-        if text in ("typing.SupportsInt", "SupportsInt"):
-            return T("lit", ("int",))
-        if text in ("typing.SupportsFloat", "SupportsFloat"):
-            return T("lit", ("float",))
-        match = re.fullmatch(r"(?:tensorrt_bindings|tensorrt)\.tensorrt\.([\w.]+)", text) or re.fullmatch(
-            r":py:obj:`~\.(\w+)`", text) or re.fullmatch(r"(\w+)", text)
-        if match:
-            try:
-                obj = self.resolve(tuple(match.group(1).split(".")))
-            except AttributeError:
-                return None
-            if isinstance(obj, type):
-                return T("inst", self.class_paths.get(obj, tuple(match.group(1).split("."))))
-        return None
-
-    def signatures(self, obj: Any, name: str) -> list[dict[str, Any]] | None:
-        """Overloads of a callable: ``[{params: [(name, annotation, has_default, kind)], returns}]``."""
-        doc = getattr(obj, "__doc__", None) or ""
-        overloads = []
-        for line in doc.splitlines():
-            pattern = rf"^\s*(?:\d+\.\s+)?(?:[\w.]+\.)?{re.escape(name)}\((.*)\)\s*->\s*(.+?)\s*$"
-            match = re.match(pattern, line)
-            if match and match.group(1) != "*args, **kwargs":
-                overloads.append({"params": _split_params(match.group(1)), "returns": match.group(2)})
-        if overloads:
-            return overloads
-        try:
-            sig = inspect.signature(obj)
-        except (TypeError, ValueError):
-            return None
-        params = []
-        for p in sig.parameters.values():
-            annotation = "" if p.annotation is inspect.Parameter.empty else str(p.annotation)
-            params.append((p.name, annotation, p.default is not inspect.Parameter.empty, p.kind.name))
-        return [{"params": params, "returns": _numpydoc_returns(doc)}]
-
-    def property_return(self, prop: property) -> T | None:
-        doc = (prop.fget.__doc__ or "") if prop.fget else ""
-        match = re.search(r"->\s*(.+?)\s*$", doc.splitlines()[0] if doc else "")
-        return self.type_from_annotation(match.group(1)) if match else None
-
-    def returns(self, text: Any) -> T | None:
-        if isinstance(text, list):  # cuda-python: (cudaError_t, value, ...)
-            return T("result", (), tuple(self.type_from_annotation(t) if t else None for t in text))
-        return self.type_from_annotation(str(text)) if text else None
-
-
-def _dist_version(family: str) -> str:
-    import importlib.metadata as md
-
-    dists = ("cuda-bindings",) if family == "cuda" else ("tensorrt-cu13-bindings", "tensorrt-cu12-bindings")
-    for dist in dists:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return "unknown"
-
-
-def _literal(obj: Any) -> T | None:
-    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str), ("bytes", bytes),
-                       ("tuple", tuple), ("list", list)):
-        if isinstance(obj, kind):
-            return T("lit", (name,))
-    return T("lit", ("None",)) if obj is None else None
-
-
-def _split_params(text: str) -> list[tuple[str, str, bool, str]]:
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        if ch in "([<{":
-            depth += 1
-        elif ch in ")]>}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    if current.strip():
-        parts.append(current)
-    params = []
-    for part in parts:
-        part = part.strip()
-        if part.startswith("**"):
-            params.append((part[2:].split(":")[0], "", True, "VAR_KEYWORD"))
-            continue
-        if part.startswith("*"):
-            params.append((part[1:].split(":")[0], "", True, "VAR_POSITIONAL"))
-            continue
-        head, _, default = part.partition("=")
-        pname, _, annotation = head.partition(":")
-        params.append((pname.strip(), annotation.strip(), bool(default.strip()), "POSITIONAL_OR_KEYWORD"))
-    return params
-
-
-def _numpydoc_returns(doc: str) -> list[str] | None:
-    """cuda-python docstrings: ``Returns\n-------\ncudaError_t\n    ...\nprop : :py:obj:`~.X```."""
-    lines = doc.splitlines()
-    for start, line in enumerate(lines[:-1]):
-        if line.strip() == "Returns" and set(lines[start + 1].strip()) == {"-"}:
-            break
-    else:
-        return None
-    out = []
-    body = lines[start + 2:]
-    for i, line in enumerate(body):
-        if i + 1 < len(body) and body[i + 1].strip() and set(body[i + 1].strip()) == {"-"}:
-            break  # the next section's title
-        if not line.strip() or line.startswith(" "):
-            continue
-        out.append(line.split(" : ", 1)[1].strip() if " : " in line else line.strip())
-    return out
-
-
 # -- the walk ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Usage:
-    file: str
-    line: int
-    expr: str
-    target: str
-    kind: str  # attr | call | set | subclass | override | dynamic
-    guarded: bool
-    ok: bool
-    problem: str | None = None
-
-
-class Walker:
+class Walker(Checks):
     def __init__(self, binding: Binding, root: Path, files: list[Path]) -> None:
         self.b = binding
         self.root = root
@@ -498,27 +321,6 @@ class Walker:
                     self.expr(cond, scope, guards)
         return None
 
-    def _member(self, owner: T, name: str) -> tuple[bool, T | None, Any]:
-        """Does ``owner`` have ``name`` in this binding, and what type is it?"""
-        if owner.kind in ("module", "class"):
-            base = self.b.resolve(owner.path)
-            if not hasattr(base, name):
-                return False, None, None
-            obj = getattr(base, name)
-            if owner.kind == "class" and callable(obj) and not isinstance(obj, type) and not _is_member(obj):
-                return True, T("method", (*owner.path, name), ("unbound",)), obj
-            return True, self.b.type_of_object(obj, (*owner.path, name)), obj
-        cls = self.b.resolve(owner.path)
-        if not hasattr(cls, name):
-            return False, None, None
-        raw = inspect.getattr_static(cls, name, None)
-        if isinstance(raw, property):
-            return True, self.b.property_return(raw), raw
-        obj = getattr(cls, name)
-        if callable(obj) and not isinstance(obj, type):
-            return True, T("method", (*owner.path, name)), obj
-        return True, self.b.type_of_object(obj, (*owner.path, name)), obj
-
     def _attribute(self, node: ast.Attribute, scope: Scope, guards: tuple) -> T | None:
         if isinstance(node.value, ast.Name) and node.value.id == "self":
             info = self._self_class(scope)
@@ -539,23 +341,6 @@ class Walker:
                 return None
             owner = T("inst", info.bases[0].path)
         return self._check_member(scope, node, owner, node.attr, guards)
-
-    def _check_member(self, scope: Scope, node: ast.AST, owner: T, name: str, guards: tuple,
-                      optional: bool = False) -> T | None:
-        exists, typed, _ = self._member(owner, name)
-        guarded = optional or self._guarded(node, guards)
-        target = ".".join((*owner.path, name)) or name
-        self._use(scope, node, _src(node), target, "attr", guards, None if exists else
-                  f"{self._owner_text(owner)} has no attribute {name!r}", guarded=guarded)
-        return typed
-
-    def _owner_text(self, owner: T) -> str:
-        label = {"module": "module", "class": "class", "inst": "instance of"}.get(owner.kind, owner.kind)
-        return f"{label} {'.'.join(owner.path) or self.b.module.__name__} ({self.b.version})"
-
-    def _guarded(self, node: ast.AST, guards: tuple) -> bool:
-        receiver = node.value if isinstance(node, ast.Attribute) else None
-        return receiver is not None and ast.dump(receiver) in guards
 
     def _call(self, node: ast.Call, scope: Scope, guards: tuple) -> T | None:
         func = node.func
@@ -657,85 +442,6 @@ class Walker:
         return None
 
     # -- checks ---------------------------------------------------------------------
-    def _check_call(self, scope: Scope, node: ast.Call, callee: T, args: list, kwargs: dict,
-                    guards: tuple) -> T | None:
-        obj = self.b.resolve(callee.path)
-        name = callee.path[-1] if callee.path else "?"
-        target = ".".join(callee.path)
-        star = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
-        if callee.kind == "class":
-            sigs = self.b.signatures(getattr(obj, "__init__", None), "__init__")
-            if sigs is None or not any(p for s in sigs for p in s["params"]):
-                sigs = self.b.signatures(obj, name)
-            drop_self, result = True, T("inst", callee.path)
-        else:
-            sigs = self.b.signatures(obj, name)
-            # a method read off an instance is bound; read off a class, self is passed explicitly
-            drop_self = callee.kind == "method" and callee.items != ("unbound",)
-            result = None
-        if sigs is None:
-            self._use(scope, node, _src(node), target, "call", guards, None)
-            return result
-        problems = []
-        for sig in sigs:
-            params = sig["params"]
-            if drop_self and params and params[0][0] in ("self", "arg0"):
-                params = params[1:]
-            problem = None if star else _fits(params, args, kwargs, self.b)
-            if problem is None:
-                if result is None:
-                    result = self.b.returns(sig["returns"])
-                self._use(scope, node, _src(node), target, "call", guards, None)
-                return result
-            problems.append(problem)
-        self._use(scope, node, _src(node), target, "call", guards,
-                  f"no signature of {target} in {self.b.version} accepts this call: " + "; ".join(problems))
-        return result
-
-    def _check_set(self, scope: Scope, target: ast.Attribute, owner: T, value: T | None,
-                   guards: tuple) -> None:
-        cls = self.b.resolve(owner.path)
-        raw = inspect.getattr_static(cls, target.attr, None)
-        where = ".".join((*owner.path, target.attr))
-        if raw is None:
-            problem = f"{self._owner_text(owner)} has no attribute {target.attr!r} to set"
-        elif not isinstance(raw, property) or raw.fset is None:
-            problem = f"{where} is read-only in {self.b.version}"
-        else:
-            problem = None
-            current = self.b.property_return(raw)
-            if value is not None and current is not None and current.kind == "inst" and value.kind == "inst" \
-                    and not _subclass(self.b, value.path, current.path):
-                problem = f"{where} takes {'.'.join(current.path)}, given {'.'.join(value.path)}"
-        self._use(scope, target, _src(target) + " = ...", where, "set", guards, problem,
-                  guarded=self._guarded(target, guards))
-
-    def _check_override(self, scope: Scope, method: ast.FunctionDef, base: T, name: str,
-                        guards: tuple) -> None:
-        cls = self.b.resolve(base.path)
-        target = ".".join((*base.path, name))
-        if not hasattr(cls, name):
-            self._use(scope, method, f"def {name}", target, "override", guards,
-                      f"{target} does not exist in {self.b.version}: the override is never called")
-            return
-        sigs = self.b.signatures(getattr(cls, name), name) or []
-        ours = len(method.args.args)
-        if sigs and not any(len(s["params"]) == ours for s in sigs):
-            self._use(scope, method, f"def {name}", target, "override", guards,
-                      f"{target} takes {[len(s['params']) for s in sigs]} parameters in {self.b.version}, "
-                      f"ours {ours}")
-            return
-        self._use(scope, method, f"def {name}", target, "override", guards, None)
-
-    def _use(self, scope: Scope, node: ast.AST, expr: str, target: str, kind: str, guards: tuple,
-             problem: str | None, guarded: bool | None = None) -> None:
-        if not self.final:
-            return
-        key = (scope.module, getattr(node, "lineno", 0), getattr(node, "col_offset", 0), kind + expr + target)
-        self.usages[key] = Usage(scope.module, getattr(node, "lineno", 0), expr, target, kind,
-                                 bool(guarded), problem is None, problem)
-
-
 def _leaves(value: T | None) -> int:
     if value is None:
         return 0
@@ -756,90 +462,11 @@ def _known(value: T | None) -> bool:
     return value is not None and value != T("lit", ("None",))
 
 
-def _is_member(obj: Any) -> bool:
-    """An enum member or other instance reached through a class (not a method)."""
-    routine_types = ("instancemethod", "builtin_function_or_method")
-    return not (inspect.isroutine(obj) or type(obj).__name__ in routine_types)
-
-
-def _subclass(binding: Binding, child: tuple[str, ...], parent: tuple[str, ...]) -> bool:
-    try:
-        return issubclass(binding.resolve(child), binding.resolve(parent))
-    except (AttributeError, TypeError):
-        return child == parent
-
-
-def _compatible(arg: T | None, annotation: str, binding: Binding) -> str | None:
-    """Why ``arg`` cannot be passed where ``annotation`` is declared (None: it can, or unknown)."""
-    if arg is None or not annotation:
-        return None
-    if "None" in annotation or "Optional" in annotation or annotation in ("object", "typing.Any"):
-        return None
-    wanted = binding.type_from_annotation(annotation)
-    given = "None" if arg == T("lit", ("None",)) else None
-    if given == "None":
-        return f"None for {annotation}"
-    if wanted is None:
-        buffer = annotation in ("buffer", "typing_extensions.Buffer")
-        if buffer and arg.kind == "lit" and arg.path[0] == "str":
-            return f"a str for {annotation}"
-        return None
-    if wanted.kind == "lit":
-        if arg.kind == "lit":
-            ok = {"int": ("int", "bool"), "float": ("int", "float", "bool"), "str": ("str",),
-                  "bool": ("bool", "int"), "tuple": ("tuple", "list"), "list": ("tuple", "list"),
-                  "bytes": ("bytes",)}.get(wanted.path[0], LITERALS)
-            return None if arg.path[0] in ok else f"a {arg.path[0]} for {annotation}"
-        return None
-    if arg.kind == "local":
-        return None if any(_subclass(binding, b.path, wanted.path) for b in arg.local.bases) else \
-            f"our {arg.local.name} for {'.'.join(wanted.path)}"
-    if arg.kind == "inst":
-        return None if _subclass(binding, arg.path, wanted.path) else \
-            f"{'.'.join(arg.path)} for {'.'.join(wanted.path)}"
-    if arg.kind == "lit" and arg.path[0] in ("str", "bytes", "bool", "float"):
-        return f"a {arg.path[0]} for {'.'.join(wanted.path)}"
-    return None  # tuples convert to Dims, ints to enums where pybind allows: not judged here
-
-
-def _fits(params: list, args: list, kwargs: dict, binding: Binding) -> str | None:
-    positional = [p for p in params if p[3] in ("POSITIONAL_OR_KEYWORD", "POSITIONAL_ONLY")]
-    var_pos = any(p[3] == "VAR_POSITIONAL" for p in params)
-    var_kw = any(p[3] == "VAR_KEYWORD" for p in params)
-    if len(args) > len(positional) and not var_pos:
-        return f"{len(args)} positional argument(s) for {len(positional)}"
-    names = [p[0] for p in params]
-    for key in kwargs:
-        if key not in names and not var_kw:
-            return f"no keyword {key!r} (has {names})"
-    covered = {p[0] for p in positional[:len(args)]} | set(kwargs)
-    missing = [p[0] for p in params if p[3] in ("POSITIONAL_OR_KEYWORD", "POSITIONAL_ONLY", "KEYWORD_ONLY")
-               and not p[2] and p[0] not in covered]
-    if missing:
-        return f"missing {missing}"
-    for param, arg in zip(positional, args, strict=False):
-        why = _compatible(arg, param[1], binding)
-        if why:
-            return f"{param[0]}: {why}"
-    by_name = {p[0]: p for p in params}
-    for key, arg in kwargs.items():
-        if key in by_name:
-            why = _compatible(arg, by_name[key][1], binding)
-            if why:
-                return f"{key}: {why}"
-    return None
-
-
 def _relative(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
-
-
-def _src(node: ast.AST) -> str:
-    text = ast.unparse(node)
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def mismatch_classification() -> dict[str, bool]:
