@@ -57,3 +57,21 @@ def missing_extra(package: str, extra: str | None, purpose: str, also: str = "")
     return BackendUnavailable(
         f"{purpose} needs the Python package '{package}', which is not installed; {hint}"
     )
+
+
+class PlanLoadError(EngineBuildError):
+    """A verified plan did not deserialise on this host.
+
+    ``cause`` says whose fault that is: ``out_of_memory`` and ``driver`` are the
+    host's (the plan may be fine: keep it), ``incompatible`` and ``unknown`` the
+    plan's (quarantine it and rebuild once). ``seen`` is what TensorRT logged.
+    """
+
+    def __init__(self, message: str, cause: str = "unknown", seen: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.seen = list(seen or [])
+
+    @property
+    def plan_at_fault(self) -> bool:
+        return self.cause in ("incompatible", "unknown")

@@ -61,6 +61,24 @@ class ChainExhausted(BackendUnavailable):
         self.report = report
 
 
+_EXPECTED = (EngineError, ImportError, OSError, RuntimeError)
+
+
+def _record_failed_start(report: FallbackReport, name: str, exc: Exception, started: float,
+                         engine: BaseEngine | None) -> None:
+    status = "unavailable" if isinstance(exc, EngineError) else "failed"
+    reason = f"could not start: {type(exc).__name__}: {exc}"
+    report.attempts.append(Attempt(name, status, reason, time.perf_counter() - started))
+    # an unexpected exception type may be a bug, not this host: keep its traceback in the log
+    logger.warning("backend %s %s, trying the next one: %s", name, status, reason,
+                   exc_info=not isinstance(exc, _EXPECTED))
+    if engine is not None:
+        try:
+            engine.close()
+        except Exception as close_exc:  # a half-started backend must not hide why it failed
+            logger.warning("closing backend %s after its failed start: %s", name, close_exc)
+
+
 def start_chain(
     requested: str,
     chain: Sequence[str],
@@ -71,10 +89,16 @@ def start_chain(
 
     ``make_engine(name)`` builds (not starts) a backend; ``drift_gate(engine)``
     returns a gated ``DriftReport`` or ``None`` when no check applies.
-    Expected failures (``EngineError``, ``ImportError``, ``OSError``,
-    ``RuntimeError``) while starting a backend *or* while running its gate (the
-    reference backend may not start) are recorded and move on to the next
-    backend; programming errors propagate. Nothing left: ``ChainExhausted``.
+
+    Any error while a backend *starts* means it could not start here: it is
+    recorded with its reason (``unavailable`` for the ``EngineError`` family,
+    ``failed`` for anything else, such as a runtime's ``ValueError`` on an engine
+    it cannot size) and the next backend is tried; a ``failed`` start is logged
+    with its traceback, since it may be a bug rather than this host. Building the
+    backend object (``make_engine``: configuration) and running the gate keep the
+    narrower rule: expected failures (``EngineError``, ``ImportError``,
+    ``OSError``, ``RuntimeError``) move on, programming errors propagate.
+    Nothing left: ``ChainExhausted``.
     """
     report = FallbackReport(requested=requested, chain=list(chain))
     for name in chain:
@@ -82,19 +106,18 @@ def start_chain(
         engine: BaseEngine | None = None
         try:
             engine = make_engine(name)
+        except _EXPECTED as exc:
+            _record_failed_start(report, name, exc, started, None)
+            continue
+        try:
             engine.ensure_ready()
-        except (EngineError, ImportError, OSError, RuntimeError) as exc:
-            status = "unavailable" if isinstance(exc, EngineError) else "failed"
-            reason = f"{type(exc).__name__}: {exc}"
-            report.attempts.append(Attempt(name, status, reason, time.perf_counter() - started))
-            logger.warning("backend %s %s, trying the next one: %s", name, status, exc)
-            if engine is not None:
-                engine.close()
+        except Exception as exc:  # could not start, whatever the reason: say it, try the next
+            _record_failed_start(report, name, exc, started, engine)
             continue
         if drift_gate is not None:
             try:
                 drift = drift_gate(engine)
-            except (EngineError, ImportError, OSError, RuntimeError) as exc:
+            except _EXPECTED as exc:
                 # e.g. the reference backend cannot start: this candidate is unproven, not refused
                 reason = f"drift gate could not run: {type(exc).__name__}: {exc}"
                 report.attempts.append(Attempt(name, "gate_failed", reason, time.perf_counter() - started))

@@ -16,11 +16,21 @@ def _pins() -> dict[str, str]:
 
 def test_makefile_gpu_pins_match_pyproject():
     makefile = (ROOT / "Makefile").read_text()
-    variables = dict(re.findall(r"^([A-Z_]+_VERSION) := (\S+)$", makefile, re.M))
+    variables = dict(re.findall(r"^([A-Z0-9_]+_VERSION) := (\S+)$", makefile, re.M))
     pins = _pins()
-    assert variables == {
-        "ORT_GPU_VERSION": pins["onnxruntime-gpu"],
-        "CUDA_PYTHON_VERSION": pins["cuda-python"],
-    }
+    assert variables["ORT_GPU_VERSION"] == pins["onnxruntime-gpu"]
+    # the conformance test reads the bindings of the TensorRT and cuda-python the gpu extra installs
+    assert variables["TRT11_BINDINGS_VERSION"] == pins["tensorrt-cu13"]
+    assert variables["CUDA13_BINDINGS_VERSION"] == pins["cuda-python"]
+    assert variables["TRT10_BINDINGS_VERSION"].startswith("10.")
+    assert variables["CUDA12_BINDINGS_VERSION"].startswith("12.")
     # the GPU build of ONNX Runtime replaces the CPU one of the same version
     assert pins["onnxruntime-gpu"] == pins["onnxruntime"]
+
+
+def test_the_gpu_stack_is_cuda_13_throughout():
+    """One stack (README "GPU install"): TensorRT, cuda-python and the CUDA EP's libraries all CUDA 13."""
+    pins = _pins()
+    assert pins["cuda-python"].startswith("13.") and "tensorrt" not in pins and "tensorrt-cu12" not in pins
+    assert pins["nvidia-cuda-runtime"].startswith("13.") and pins["nvidia-cublas"].startswith("13.")
+    assert "nvidia-cudnn-cu13" in pins and pins["nvidia-curand"].startswith("10.")

@@ -1,14 +1,20 @@
 """ONNX Runtime backend: CPU everywhere, CUDA / TensorRT execution providers on GPU hosts.
 
-Providers are taken from config in order (TensorRT EP, CUDA EP, CPU) and
-filtered to what this onnxruntime build offers; asking for a GPU device when
-the build has no GPU provider is an error that lists what is available. On
-CUDA, I/O binding keeps the output on the device until one copy back, instead
-of ORT's implicit per-run allocations.
+Providers are taken from config in order (CUDA EP, CPU by default; the
+TensorRT EP only if configured) and filtered to what this onnxruntime build
+offers; asking for a GPU device when the build has no GPU provider is an error
+that lists what is available. Before a GPU session, the CUDA libraries the CUDA
+EP links (cuBLAS, cuRAND, cudart 13, cuDNN 9 from NVIDIA's PyPI wheels) are
+loaded with ``onnxruntime.preload_dlls`` (README "GPU install"). On CUDA, I/O
+binding keeps the output on the device until one copy back, instead of ORT's
+implicit per-run allocations.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 from typing import Any
 
@@ -74,6 +80,27 @@ def onnxruntime_build() -> dict[str, Any]:
             "--no-deps onnxruntime-gpu==<version>), see README 'GPU install'"
         )
     return info
+
+
+@functools.lru_cache(maxsize=1)
+def preload_cuda_libraries() -> str:
+    """Load the CUDA EP's libraries from NVIDIA's wheels (``onnxruntime.preload_dlls``), once.
+
+    What it printed (a library it could not load) is returned and logged, not
+    printed. A build without ``preload_dlls`` (older, or CPU-only) is left alone.
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or ort.get_device() != "GPU":
+        return ""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        preload()
+    said = out.getvalue().strip()
+    if said:
+        logger.warning("onnxruntime.preload_dlls: %s", said.replace("\n", " | "))
+    return said
 
 
 def tensorrt_ep_options(
@@ -192,6 +219,8 @@ class OnnxEngine(BaseEngine):
             )
         import onnxruntime as ort
 
+        if self.options.device != "cpu":
+            preload_cuda_libraries()
         providers, provider_options = select_providers(
             self.options.device,
             self.settings.providers,

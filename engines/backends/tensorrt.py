@@ -3,6 +3,10 @@
 The start-up reads as one sentence: resolve the key -> plan bytes from the
 cache or a build (``tensorrt.plan_cache.get_or_build_plan``) -> engine from bytes
 -> runner (``tensorrt.runner.TrtRunner``), then a warm-up at the opt and max batch.
+A plan TensorRT refuses to deserialise is quarantined and rebuilt once
+(``plan_cache.load_with_one_rebuild``). Only a real TensorRT API mismatch (a
+name or argument the installed bindings reject, ``runtime.is_api_mismatch``)
+becomes "API mismatch"; other errors stay what they are.
 Everything before and after the runtime call (validation, the shared
 preprocessing with its BGR->RGB swap, chunking, L2 normalisation) is
 ``BaseEngine``'s, exactly as for every other backend.
@@ -31,7 +35,7 @@ from ..base.engine import BaseEngine
 from ..config.schema import TensorRTConfig
 from ..errors import BackendUnavailable, EngineBuildError
 from ..hardware import device_index, has_cuda
-from ..tensorrt.runtime import cuda_python_installed, tensorrt_installed
+from ..tensorrt.runtime import cuda_python_installed, is_api_mismatch, tensorrt_installed
 from .registry import register
 
 logger = logging.getLogger(__name__)
@@ -88,23 +92,33 @@ class TensorRTEngine(BaseEngine):
         if reasons:
             raise BackendUnavailable(f"the tensorrt backend cannot run here: {'; '.join(reasons)}")
         from ..drift_gate import conversion_drift
-        from ..tensorrt.plan_cache import get_or_build_plan
+        from ..tensorrt.plan_cache import LocalPlanCache, get_or_build_plan, load_with_one_rebuild
         from ..tensorrt.runner import TrtRunner
 
         trt_cfg = self._trt_config()
         device_id = device_index(self.options.device)
+        measure = functools.partial(conversion_drift, max_drift=self.options.max_drift_cosine,
+                                    cache_dir=trt_cfg.storage.cache_dir)
+
+        def resolve(rebuild: bool):
+            return get_or_build_plan(self.model, trt_cfg, device_id=device_id, measure_drift=measure,
+                                     rebuild=rebuild)
+
+        def load(entry) -> TrtRunner:
+            return TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))
+
         try:
-            measure = functools.partial(conversion_drift, max_drift=self.options.max_drift_cosine,
-                                        cache_dir=trt_cfg.storage.cache_dir)
-            entry = get_or_build_plan(self.model, trt_cfg, device_id=device_id, measure_drift=measure)
-            self.graph = entry.graph or self.model
-            runner = TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))
+            entry, runner = load_with_one_rebuild(resolve, load, LocalPlanCache.for_storage(trt_cfg.storage),
+                                                  lock_timeout_s=trt_cfg.wait_timeout_s)
         except (AttributeError, TypeError) as exc:
-            # An API this TensorRT build lacks: yield to the next backend instead of crashing it.
+            if not is_api_mismatch(exc):
+                raise  # our bug: the fallback chain reports it as a failed start, traceback logged
+            # A name or argument this TensorRT build rejects: yield to the next backend.
             raise EngineBuildError(
                 f"TensorRT API mismatch ({type(exc).__name__}: {exc}); this backend is written "
                 "for the TensorRT 10.x / 11.x Python API"
             ) from exc
+        self.graph = entry.graph or self.model
         try:
             runner.warm_up()
             self._memory = runner.memory()
@@ -125,6 +139,16 @@ class TensorRTEngine(BaseEngine):
 
     def _run(self, blob: np.ndarray) -> np.ndarray:
         return self._runner.run(blob)
+
+    def layer_precisions(self) -> dict[str, int]:
+        """Layer outputs per data type, from TensorRT's engine inspector (``TrtRunner.layer_precisions``).
+
+        The proof that an fp16 engine computes in fp16: parity alone cannot tell a plan
+        TensorRT 10 quietly built in fp32.
+        """
+        self.ensure_ready()
+        with self._run_lock:
+            return self._runner.layer_precisions()
 
     def _engine_path(self) -> str:
         return str(self._entry.path) if self._entry else self.graph.path

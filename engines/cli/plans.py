@@ -31,7 +31,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "tensorrt.device_id": args.device_id,
     })
     if not tensorrt_installed():
-        raise missing_extra("tensorrt", "gpu", "building TensorRT engines")
+        raise missing_extra("tensorrt-cu13", "gpu", "building TensorRT engines")
     if not cuda_python_installed():
         raise missing_extra("cuda-python", "gpu", "building TensorRT engines")
     if not has_cuda():
@@ -118,7 +118,8 @@ def _engines_pull(cfg, args) -> dict[str, Any]:
 
     if parse_key(args.key) is None:
         raise ValueError(
-            f"{args.key!r} is not an engine key (model-sha8-precision-smXY-trtV-bMIN_OPT_MAX.plan)"
+            f"{args.key!r} is not an engine key "
+            "(model-sha8-precision-smXY-dDEV6-trtV-cuN-bMIN_OPT_MAX.plan; see README 'TensorRT engines')"
         )
     local, store = _stores(cfg)
     store = _need_store(store)

@@ -70,11 +70,9 @@ class ValidationConfig:
 class OnnxConfig:
     """ONNX Runtime session settings for the ``onnx`` backend."""
 
-    providers: tuple[str, ...] = (
-        "TensorrtExecutionProvider",
-        "CUDAExecutionProvider",
-        "CPUExecutionProvider",
-    )
+    # ORT's TensorRT EP is not in the default: onnxruntime-gpu 1.31's links TensorRT 10
+    # (libnvinfer.so.10) and the GPU stack is TensorRT 11 (README "GPU install").
+    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     intra_op_num_threads: int = field(default=0, metadata={"min": 0})
     inter_op_num_threads: int = field(default=0, metadata={"min": 0})
     graph_optimization_level: str = field(

@@ -13,7 +13,12 @@ Written once for TensorRT 10 and 11 (shared/research/tensorrt-api.md §1-2):
 - fp32 builds clear TF32 so "fp32" means fp32 (the parity gate is 0.9999).
 - One optimization profile: min / opt / max batch; other dynamic dims get 3x112x112.
 - Workspace via ``set_memory_pool_limit``; a timing cache persisted per
-  (TensorRT version, GPU) next to the engines; optional hardware compatibility.
+  (TensorRT build, GPU) next to the engines; optional hardware compatibility.
+  A timing cache TensorRT cannot read (another build wrote it, a torn write)
+  is set aside and the build goes on with an empty one, or with none at all:
+  a cache is a speed-up, never a reason for a build to fail.
+- ``profiling_verbosity = DETAILED``, so the engine inspector can report each
+  layer's precision (the check that an fp16 engine computes in fp16).
 
 The builder is used by one thread at a time (a TensorRT rule); the engine
 cache calls it under its build lock.
@@ -107,16 +112,51 @@ def _precision_flags(trt: Any, config: Any, precision: str) -> list[str]:
     return used
 
 
-def _load_timing_cache(config: Any, path: Path | None) -> Any:
+def _attach_timing_cache(config: Any, blob: bytes) -> Any | None:
+    """The cache made from ``blob`` once ``config`` accepted it, else None.
+
+    TensorRT answers an unreadable blob with None (``createTimingCache`` returns
+    nullptr) or a refusal from ``set_timing_cache`` (False), depending on what is
+    wrong; a C++ exception surfaces as RuntimeError. None must never reach
+    ``set_timing_cache``: its ``cache`` parameter is not optional (a TypeError).
+    """
+    try:
+        cache = config.create_timing_cache(blob)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+    except RuntimeError as exc:
+        logger.warning("TensorRT refused a timing cache: %s", exc)
+    return None
+
+
+def _load_timing_cache(config: Any, path: Path | None) -> Any | None:
+    """Attach the timing cache at ``path`` (empty if absent); returns the attached cache or None.
+
+    A file TensorRT cannot use is renamed ``*.rejected`` (kept for a look, never
+    read again) and the build starts an empty cache; if even that is refused the
+    build runs without one.
+    """
     if path is None:
         return None
-    blob = path.read_bytes() if path.exists() else b""
-    cache = config.create_timing_cache(blob)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        # written by another TensorRT build or device despite the per-(version, sm) file name
-        logger.warning("timing cache %s rejected by TensorRT; starting an empty one", path)
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    try:
+        blob = path.read_bytes() if path.exists() else b""
+    except OSError as exc:
+        logger.warning("timing cache %s unreadable (%s); starting an empty one", path, exc)
+        blob = b""
+    if blob:
+        cache = _attach_timing_cache(config, blob)
+        if cache is not None:
+            return cache
+        rejected = path.with_name(path.name + ".rejected")
+        logger.warning("timing cache %s (%d bytes) rejected by TensorRT; set aside as %s, starting an "
+                       "empty one", path, len(blob), rejected.name)
+        try:
+            os.replace(path, rejected)
+        except OSError as exc:
+            logger.warning("could not set %s aside: %s", path, exc)
+    cache = _attach_timing_cache(config, b"")
+    if cache is None:
+        logger.warning("TensorRT refused even an empty timing cache; building without one")
     return cache
 
 
@@ -151,8 +191,9 @@ def build_plan(job: BuildJob) -> dict[str, Any]:
     level = _HW_COMPAT[settings.hardware_compatibility]
     if level != "NONE":
         config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer precisions for the inspector
     timing_path = job.timing_cache_path if settings.timing_cache else None
-    _load_timing_cache(config, timing_path)
+    timing = _load_timing_cache(config, timing_path)
     logger.info(
         "building TensorRT %s engine from %s (%s, profile %d/%d/%d, workspace %d MiB, flags %s)",
         trt.__version__, job.onnx_path, settings.precision, settings.min_batch, settings.opt_batch,
@@ -168,10 +209,38 @@ def build_plan(job: BuildJob) -> dict[str, Any]:
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     with open(job.output_path, "wb") as fh:
         fh.write(plan)  # IHostMemory supports the buffer protocol
-    if timing_path is not None:
+    if timing_path is not None and timing is not None:
         _save_timing_cache(config, timing_path)
     seconds = time.perf_counter() - started
     logger.info("built %s in %.1f s (%.1f MiB)", job.output_path.name, seconds,
                 job.output_path.stat().st_size / 2**20)
     return {"build_seconds": round(seconds, 3), "builder_flags": flags,
-            "network_input": network.get_input(0).name}
+            "network_input": network.get_input(0).name, "timing_cache": timing is not None,
+            "profiling_verbosity": "detailed"}
+
+
+def parse_only(onnx_path: str) -> dict[str, Any]:
+    """Parse ``onnx_path`` with TensorRT's ONNX parser and describe the network; builds nothing.
+
+    Seconds, not minutes: what ``make gpu-check`` runs on the fp32 / fp16 / int8
+    graphs to show that this TensorRT accepts them and which I/O dtypes they have.
+    Raises ``EngineBuildError`` with every parser error.
+    """
+    trt = import_tensorrt("parsing an ONNX graph with TensorRT")
+    builder = trt.Builder(trt_logger())
+    network, _parser = _parse(trt, builder, onnx_path)
+
+    def tensor(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "dtype": str(t.dtype).rsplit(".", 1)[-1], "shape": list(t.shape)}
+
+    kinds: dict[str, int] = {}
+    for i in range(network.num_layers):
+        kind = str(network.get_layer(i).type).rsplit(".", 1)[-1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {
+        "tensorrt_version": trt.__version__,
+        "inputs": [tensor(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [tensor(network.get_output(i)) for i in range(network.num_outputs)],
+        "layers": network.num_layers,
+        "layer_types": dict(sorted(kinds.items())),
+    }

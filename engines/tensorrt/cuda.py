@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import BackendUnavailable, EngineError, missing_extra
+
+logger = logging.getLogger(__name__)
+
+# The GPU stack is CUDA 13 throughout (README "GPU install"); CUDA 13 needs driver R580+.
+STACK_CUDA_MAJOR = 13
+MIN_DRIVER = "580"
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,10 +56,40 @@ def check(result: Any, what: str) -> Any:
         name = rt.cudaGetErrorName(err)[1]
         name = name.decode() if isinstance(name, bytes) else str(name)
         cls = BackendUnavailable if name in _NO_DEVICE_ERRORS else EngineError
-        raise cls(f"CUDA {what} failed: {name} ({int(err)})")
+        message = f"CUDA {what} failed: {name} ({int(err)})"
+        if name == "cudaErrorInsufficientDriver":
+            message += f"; {driver_report()}"
+            logger.warning("%s", message)
+        raise cls(message)
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else rest
+
+
+def cuda_version_text(version: int) -> str:
+    """``13000`` -> ``13.0`` (cudaDriverGetVersion / cudaRuntimeGetVersion encoding)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def driver_version() -> int:
+    """The newest CUDA the installed driver supports (``cudaDriverGetVersion``); 0: no driver."""
+    err, version = cudart().cudaDriverGetVersion()
+    return int(version) if err == cudart().cudaError_t.cudaSuccess else 0
+
+
+def runtime_version() -> int:
+    """The CUDA runtime cuda-python was built with (``cudaRuntimeGetVersion``)."""
+    err, version = cudart().cudaRuntimeGetVersion()
+    return int(version) if err == cudart().cudaError_t.cudaSuccess else 0
+
+
+def driver_report() -> str:
+    """What the driver supports against what this stack needs, for an "insufficient driver" error."""
+    driver, runtime = driver_version(), runtime_version()
+    have = (f"the NVIDIA driver supports CUDA {cuda_version_text(driver)} (cudaDriverGetVersion {driver})"
+            if driver else "no NVIDIA driver is loaded (cudaDriverGetVersion 0)")
+    return (f"{have}; cuda-python's runtime is CUDA {cuda_version_text(runtime)}; this stack is CUDA "
+            f"{STACK_CUDA_MAJOR} throughout: install NVIDIA driver {MIN_DRIVER} or newer")
 
 
 # Errors that mean "no usable GPU here": the fallback chain treats them as unavailability.
@@ -62,15 +98,21 @@ _NO_DEVICE_ERRORS = frozenset(
      "cudaErrorDevicesUnavailable", "cudaErrorInitializationError"}
 )
 
-_current = threading.local()
+def current_device() -> int:
+    """The calling thread's current device, as the CUDA runtime knows it (``cudaGetDevice``)."""
+    return int(check(cudart().cudaGetDevice(), "cudaGetDevice"))
 
 
 def set_device(device_id: int) -> None:
-    """Make ``device_id`` current in the calling thread (the current device is per host thread)."""
-    if getattr(_current, "device", None) == device_id:
-        return
+    """Make ``device_id`` current in the calling thread (the current device is per host thread).
+
+    Called every time, with no cache of ours in front: other libraries in the process
+    (ONNX Runtime's CUDA EP, PyTorch) switch the device on the same thread without
+    telling us, so a remembered "already current" goes stale. Once the device's
+    primary context exists, ``cudaSetDevice`` is a thread-local switch, cheap per batch;
+    the first call also creates that context, which TensorRT then uses.
+    """
     check(cudart().cudaSetDevice(int(device_id)), f"cudaSetDevice({device_id})")
-    _current.device = device_id
 
 
 @dataclass(frozen=True)

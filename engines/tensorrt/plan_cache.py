@@ -12,6 +12,14 @@
 S3 unreachable: build locally with a warning. ``build_locally: false`` and no
 engine anywhere: ``BackendUnavailable``, so the fallback chain moves on.
 
+Every plan found (local or S3) is also checked against the host from its
+sidecar (``plan_key.plan_mismatch``); one built elsewhere is rebuilt, never
+loaded. A verified plan that TensorRT then refuses to deserialise is
+quarantined (``<cache>/engines/quarantine/``, with what TensorRT said) and
+rebuilt once, on this host only (``load_with_one_rebuild``); the S3 copy is left
+as it is, since the key already rules out the usual causes and other hosts
+may load it.
+
 The build step is a parameter (``build``, default ``builder.build_plan``):
 the only seam, so the cache and its locks are tested with real processes
 against a real S3 API while the builder stays the real one everywhere else.
@@ -28,14 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ..errors import BackendUnavailable, ChecksumMismatch, EngineBuildError
+from ..errors import BackendUnavailable, ChecksumMismatch, EngineBuildError, PlanLoadError
 from ..models.precision import convert_model
 from ..models.resolve import ResolvedModel, cache_root
 from ..s3 import sha256_file
 from .builder import BuildJob
-from .plan_key import BuildSettings, BuildTarget, detect_build_target, plan_key
+from .plan_key import BuildSettings, BuildTarget, detect_build_target, plan_key, plan_mismatch
 from .plan_store import S3PlanStore, StoreUnreachable
 
 logger = logging.getLogger(__name__)
@@ -43,8 +51,9 @@ logger = logging.getLogger(__name__)
 BuildFn = Callable[[BuildJob], "dict[str, Any] | None"]
 # (fp32 source, converted graph) -> a drift report dict (``drift_gate.conversion_drift``)
 DriftFn = Callable[[ResolvedModel, ResolvedModel], "dict[str, Any]"]
-SIDECAR_FORMAT = 1
+SIDECAR_FORMAT = 2  # 2: tensorrt_cuda_major, device_tag, hardware_compatibility
 _FROM_CONFIG: Any = object()
+Loaded = TypeVar("Loaded")
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,9 @@ class LocalPlanCache:
         return self.root / (key + ".json")
 
     def timing_cache_path(self, target: BuildTarget) -> Path:
-        return self.root / "timing" / f"trt{target.trt_version}-{target.sm}.cache"
+        """Per TensorRT build and device model: a timing cache is as specific as a plan."""
+        name = f"trt{target.trt_version}-{target.cuda_tag}-{target.sm}-{target.device_tag}.cache"
+        return self.root / "timing" / name
 
     def lock(self, key: str, timeout: float):
         from filelock import FileLock
@@ -117,6 +128,25 @@ class LocalPlanCache:
             logger.warning("discarding cached engine %s: %s", key, reason)
         for path in present:
             path.unlink(missing_ok=True)
+
+    def quarantine(self, key: str, reason: str, seen: list[str] | None = None) -> Path:
+        """Move a plan TensorRT refused (and its sidecar) out of the cache, with why; call under the lock.
+
+        ``<root>/quarantine/<key>.<utc time>/`` keeps the bytes for a look; nothing
+        ever loads from there, and the key is free for a rebuild.
+        """
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        where = self.root / "quarantine" / f"{key}.{stamp}"
+        where.mkdir(parents=True, exist_ok=True)
+        for path in (self.plan_path(key), self.sidecar_path(key)):
+            if path.exists():
+                os.replace(path, where / path.name)
+        (where / "reason.json").write_text(json.dumps(
+            {"key": key, "reason": reason, "tensorrt_said": list(seen or []),
+             "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "host": socket.gethostname()}, indent=2))
+        logger.warning("quarantined engine %s in %s: %s", key, where, reason)
+        return where
 
     def write_sidecar(self, key: str, sidecar: dict[str, Any]) -> None:
         side = self.sidecar_path(key)
@@ -149,8 +179,11 @@ def make_sidecar(key: str, plan: Path, graph: ResolvedModel, settings: BuildSett
         "precision": settings.precision,
         "builder_settings": settings.to_dict(),
         "gpu_name": target.gpu_name,
+        "device_tag": target.device_tag,
         "compute_capability": target.to_dict()["compute_capability"],
+        "hardware_compatibility": settings.hardware_compatibility,
         "tensorrt_version": target.trt_version,
+        "tensorrt_cuda_major": target.trt_cuda_major,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "built_on": socket.gethostname(),
         "build": build_facts or {},
@@ -214,6 +247,11 @@ class _Resolution:
         """Download the published plan, verified; a bad copy is retried once, then treated as absent."""
         sidecar = store.sidecar(self.key)
         if sidecar is None:
+            return None
+        mismatch = plan_mismatch(sidecar, self.target, self.settings)
+        if mismatch:
+            logger.warning("engine %s in S3 was %s; not loading it here (a build replaces it)", self.key,
+                           mismatch)
             return None
         # a copy known bad is not downloaded again until the plan object changes (a re-upload)
         marker = f"{sidecar['sha256']}/{store.plan_etag(self.key)}"
@@ -297,6 +335,7 @@ def get_or_build_plan(
     device_id: int | None = None,
     poll_interval_s: float | None = None,
     measure_drift: DriftFn | None = None,
+    rebuild: bool = False,
 ) -> CachedPlan:
     """A verified local plan for ``model`` built as ``trt_cfg`` (a ``TensorRTConfig``) says.
 
@@ -307,6 +346,8 @@ def get_or_build_plan(
     precision graph is built here, its drift against ``model`` is measured on
     the CPU by ``measure_drift`` (the backend passes ``drift_gate.conversion_drift``) and
     recorded in the sidecar (``build.graph_drift``); serving is the runtime drift gate's call.
+    ``rebuild``: build on this host whatever the caches hold (after a quarantine),
+    sharing nothing through S3.
     """
     device_id = trt_cfg.device_id if device_id is None else device_id
     storage = trt_cfg.storage
@@ -315,7 +356,7 @@ def get_or_build_plan(
     settings = BuildSettings.from_config(trt_cfg)
     key = plan_key(graph, settings, target)
     local = LocalPlanCache.for_storage(storage)
-    hit = local.get(key)
+    hit = None if rebuild else _usable(local, key, target, settings, locked=False)
     if hit is not None:
         return CachedPlan(hit.key, hit.path, hit.sidecar, "local", graph)
     if build is None:
@@ -327,10 +368,12 @@ def get_or_build_plan(
 
     try:
         with local.lock(key, timeout=trt_cfg.wait_timeout_s):
-            hit = local.get(key)
+            hit = None if rebuild else _usable(local, key, target, settings, locked=True)
             if hit is not None:
                 return CachedPlan(hit.key, hit.path, hit.sidecar, "local", graph)
-            local.discard(key, "plan and sidecar missing or not matching")
+            local.discard(key, "rebuild asked for" if rebuild else "plan and sidecar missing or not matching")
+            if rebuild:
+                return res.build_here()
             if store is _FROM_CONFIG:
                 store = S3PlanStore.from_config(storage)
             if store is not None:
@@ -347,3 +390,53 @@ def get_or_build_plan(
             f"another process on this host held the build lock for {key} longer than "
             f"{trt_cfg.wait_timeout_s:.0f} s (tensorrt.wait_timeout_s)"
         ) from None
+
+
+def _usable(local: LocalPlanCache, key: str, target: BuildTarget, settings: BuildSettings,
+            locked: bool) -> CachedPlan | None:
+    """The local entry for ``key`` if its bytes verify and its sidecar says it was built for this
+    host; one built elsewhere is discarded when the caller holds the key's lock."""
+    hit = local.get(key)
+    if hit is None:
+        return None
+    mismatch = plan_mismatch(hit.sidecar, target, settings)
+    if mismatch:
+        if locked:
+            local.discard(key, mismatch)
+        return None
+    return hit
+
+
+def load_with_one_rebuild(
+    resolve: Callable[[bool], CachedPlan],
+    load: Callable[[CachedPlan], Loaded],
+    local: LocalPlanCache,
+    lock_timeout_s: float = 60.0,
+) -> tuple[CachedPlan, Loaded]:
+    """``load(resolve(False))``; a plan TensorRT refuses is quarantined and rebuilt once.
+
+    ``resolve(rebuild)`` is ``get_or_build_plan`` bound to its arguments; ``load``
+    deserialises (``TrtRunner``) and raises ``PlanLoadError``. A refusal that is the
+    host's (out of device memory, the driver) keeps the plan and reports the
+    backend unavailable with what was seen; a second refusal, of a plan built here
+    a moment ago, is an ``EngineBuildError`` naming both.
+    """
+    entry = resolve(False)
+    try:
+        return entry, load(entry)
+    except PlanLoadError as exc:
+        if not exc.plan_at_fault:
+            raise BackendUnavailable(f"{exc} (cause: {exc.cause}; the plan was kept)") from exc
+        first = exc
+    with local.lock(entry.key, timeout=lock_timeout_s):
+        local.quarantine(entry.key, str(first), first.seen)
+    logger.warning("engine %s (%s) did not deserialise; rebuilding it once on this host", entry.key,
+                   entry.source)
+    rebuilt = resolve(True)
+    try:
+        return rebuilt, load(rebuilt)
+    except PlanLoadError as second:
+        raise EngineBuildError(
+            f"engine {rebuilt.key} does not deserialise even rebuilt on this host: {second}; "
+            f"the first copy ({entry.source}) failed with: {first}"
+        ) from second

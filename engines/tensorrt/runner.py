@@ -8,7 +8,15 @@ non-default stream, ``device_memory_size_v2``.
 
 Buffers (device and pinned host) are allocated once for the profile's max
 batch, sized from the engine's own tensor dtypes (an fp16 graph converted with
-fp32 I/O still has fp32 I/O; a graph that does not would have fp16 I/O).
+fp32 I/O still has fp32 I/O; a graph that does not would have fp16 I/O). The
+sample dims come from the optimization profile, not ``get_tensor_shape``,
+which says -1 for every dim the graph leaves dynamic (the builder pins those
+to 3x112x112 in the profile).
+
+A plan that does not deserialise raises ``PlanLoadError`` with what TensorRT
+logged and a cause: ``out_of_memory`` and ``driver`` are this host's state (the
+plan is fine), anything else means the plan itself cannot load here, which is
+what the backend quarantines and rebuilds once.
 
 Threads: one runner = one execution context + one stream + one buffer set,
 and it is not re-entrant; ``TensorRTEngine`` serialises calls with a lock.
@@ -16,16 +24,108 @@ and it is not re-entrant; ``TensorRTEngine`` serialises calls with a lock.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..errors import EngineBuildError, EngineError
+from ..errors import EngineBuildError, EngineError, PlanLoadError
 from . import cuda as cuda_rt
-from .runtime import import_tensorrt, trt_logger
+from .runtime import import_tensorrt, recent_trt_messages, trt_logger
 
 logger = logging.getLogger(__name__)
+
+# What TensorRT says when a deserialise fails because of this host, not the plan.
+_HOST_CAUSES = (
+    ("out_of_memory", re.compile(r"out of memory|OutOfMemory|cudaErrorMemoryAllocation|"
+                                 r"CUDA_ERROR_OUT_OF_MEMORY|allocation failed|failed to allocate", re.I)),
+    ("driver", re.compile(r"driver|cudaErrorInsufficientDriver|CUDA initialization failure|"
+                          r"no CUDA-capable device|cudaErrorNoDevice", re.I)),
+)
+
+
+def classify_load_failure(messages: Sequence[str]) -> str:
+    """Why a plan did not deserialise, from TensorRT's log lines.
+
+    ``out_of_memory`` / ``driver``: the host's state, the plan may be fine (never
+    quarantine it for that). ``incompatible``: TensorRT says the plan is for
+    another device or version, or is not a plan. ``unknown``: nothing said.
+    """
+    text = "\n".join(messages)
+    for cause, pattern in _HOST_CAUSES:
+        if pattern.search(text):
+            return cause
+    if text.strip():
+        return "incompatible"
+    return "unknown"
+
+
+def profile_geometry(engine_shape: Sequence[int], profile: Sequence[Sequence[int]]) -> tuple[
+        tuple[int, ...], tuple[int, int, int]]:
+    """``(sample_shape, (min, opt, max) batch)`` of an input from its engine shape and profile.
+
+    ``engine_shape`` is ``get_tensor_shape`` (-1 where the graph is dynamic);
+    ``profile`` is ``get_tensor_profile_shape(name, 0)``: ``[min, opt, max]``. The
+    builder gives min, opt and max the same non-batch dims, so those are the sample
+    shape; a dim that still differs across the profile is refused (the buffers
+    and the contract are for one face size).
+    """
+    shape = tuple(int(d) for d in engine_shape)
+    if len(shape) < 2:
+        raise EngineBuildError(f"engine input shape {shape} has no batch axis")
+    if shape[0] != -1 and -1 not in shape[1:]:
+        return shape[1:], (shape[0], shape[0], shape[0])
+    lo, opt, hi = (tuple(int(d) for d in s) for s in profile)
+    if not (lo[1:] == opt[1:] == hi[1:]) or len(lo) != len(shape):
+        raise EngineBuildError(
+            f"engine input {shape} has profile min {lo} / opt {opt} / max {hi}: the non-batch dims must "
+            "be fixed by the profile (one face size)"
+        )
+    sample = tuple(opt[i + 1] if d == -1 else d for i, d in enumerate(shape[1:]))
+    if shape[0] != -1:
+        return sample, (shape[0], shape[0], shape[0])
+    return sample, (lo[0], opt[0], hi[0])
+
+
+_DTYPE_WORDS = (("bf16", ("BFLOAT16", "BF16")), ("fp16", ("FP16", "HALF")), ("fp8", ("FP8",)),
+                ("fp32", ("FP32", "FLOAT")), ("int8", ("INT8",)), ("int32", ("INT32",)),
+                ("int64", ("INT64",)), ("bool", ("BOOL",)))
+
+
+_DTYPE_KEYS = ("Datatype", "DataType", "Format/Datatype", "Format")
+
+
+def _dtype_of(fmt: str) -> str:
+    upper = fmt.upper()
+    for name, words in _DTYPE_WORDS:
+        if any(w in upper for w in words):
+            return name
+    return "other"
+
+
+def layer_precisions(engine_information: str) -> dict[str, int]:
+    """Count of layer *outputs* per data type in the engine inspector's JSON (TensorRT 10 or 11 schema).
+
+    Needs a plan built with ``profiling_verbosity = DETAILED`` (the builder sets it)
+    and an inspector with an execution context whose input shapes are set;
+    otherwise TensorRT prints layer names only, and this raises ``ValueError``.
+    """
+    info = json.loads(engine_information)
+    layers = info.get("Layers", [])
+    counts: dict[str, int] = {}
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise ValueError("the engine inspector printed layer names only: the plan was not built with "
+                             "profiling_verbosity DETAILED")
+        for out in layer.get("Outputs", []):
+            # TensorRT 10: "Format/Datatype" ("Row major linear FP16 format"); 11 splits it in two
+            text = next((str(out[k]) for k in _DTYPE_KEYS if k in out), "")
+            kind = _dtype_of(text)
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 class TrtRunner:
@@ -35,18 +135,16 @@ class TrtRunner:
         trt = import_tensorrt()
         self._trt = trt
         self.device_id = device_id
+        self._resources: list[Any] = []
+        self.context = None
+        self.engine = None
         cuda_rt.set_device(device_id)
         self._runtime = trt.Runtime(trt_logger())
+        mark = trt_logger().recent.mark()
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
-            facts = cuda_rt.device_facts(device_id)
-            raise EngineBuildError(
-                f"TensorRT {trt.__version__} could not deserialize {origin} on {facts.name} "
-                f"({facts.sm}); the plan was most likely built by another TensorRT version or for "
-                "another GPU architecture (see the TensorRT error above); rebuild it for this host"
-            )
+            raise self._load_error(origin, recent_trt_messages(mark))
         self.engine = engine
-        self._resources: list[Any] = []
         try:
             self._bind_io()
             self._allocate()
@@ -55,6 +153,27 @@ class TrtRunner:
             raise
 
     # -- loading ---------------------------------------------------------------------
+    def _load_error(self, origin: str, seen: list[str]) -> PlanLoadError:
+        cause = classify_load_failure(seen)
+        try:
+            facts = cuda_rt.device_facts(self.device_id)
+            device = f"{facts.name} ({facts.sm})"
+            free, total = cuda_rt.mem_get_info()
+            memory = f"{free / 2**20:.0f} of {total / 2**20:.0f} MiB free"
+        except EngineError as exc:  # the device itself is in trouble: say so, keep the cause
+            device, memory = f"device {self.device_id} ({exc})", "free memory unknown"
+        why = {
+            "out_of_memory": f"the device is short of memory ({memory}); the plan may be fine",
+            "driver": f"the CUDA driver refused ({cuda_rt.driver_report()}); the plan may be fine",
+            "incompatible": "TensorRT refused the plan itself (see what it said)",
+            "unknown": "TensorRT said nothing; treating the plan as unloadable here",
+        }[cause]
+        return PlanLoadError(
+            f"TensorRT {self._trt.__version__} could not deserialize {origin} on {device}: "
+            f"{why}" + (f"; TensorRT said: {' | '.join(seen[-3:])}" if seen else ""),
+            cause=cause, seen=seen,
+        )
+
     def _bind_io(self) -> None:
         trt, engine = self._trt, self.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -64,12 +183,11 @@ class TrtRunner:
             raise EngineBuildError(f"expected one input and one output tensor, got {inputs} -> {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
         in_shape = tuple(engine.get_tensor_shape(self.input_name))
-        self.sample_shape = tuple(int(d) for d in in_shape[1:])
-        if in_shape[0] == -1:
-            lo, opt, hi = (tuple(s) for s in engine.get_tensor_profile_shape(self.input_name, 0))
-            self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
-        else:
-            self.min_batch = self.opt_batch = self.max_batch = int(in_shape[0])
+        profile = [in_shape] * 3
+        if -1 in in_shape:
+            profile = [tuple(s) for s in engine.get_tensor_profile_shape(self.input_name, 0)]
+        self.sample_shape, batches = profile_geometry(in_shape, profile)
+        self.min_batch, self.opt_batch, self.max_batch = batches
         self.input_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
         self.output_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.output_name)))
         out_shape = tuple(engine.get_tensor_shape(self.output_name))
@@ -148,6 +266,18 @@ class TrtRunner:
         return {"engine_activation_bytes": activations, "io_buffer_bytes": buffers,
                 "device_free_bytes": free, "device_total_bytes": total}
 
+    def layer_precisions(self) -> dict[str, int]:
+        """Layer outputs per data type (``layer_precisions``), with the opt batch's shapes set.
+
+        What proves an fp16 engine computes in fp16: on TensorRT 10 a missing FP16 flag
+        still builds, in fp32, and still passes parity.
+        """
+        if not self.context.set_input_shape(self.input_name, (self.opt_batch, *self.sample_shape)):
+            raise EngineError(f"batch {self.opt_batch} refused by the engine's profile")
+        inspector = self.engine.create_engine_inspector()
+        inspector.execution_context = self.context
+        return layer_precisions(inspector.get_engine_information(self._trt.LayerInformationFormat.JSON))
+
     def describe(self) -> dict[str, Any]:
         return {
             "input": self.input_name, "output": self.output_name,
@@ -157,14 +287,36 @@ class TrtRunner:
         }
 
     def close(self) -> None:
-        """Free in reverse order; the stream is synced first so no copy is in flight."""
+        """Tear down on this runner's device, in the order CUDA and TensorRT need.
+
+        The device first (the calling thread may have another current device, and is
+        given it back at the end); then the stream is synced, so no copy or kernel is in
+        flight when the context goes; then the context, our buffers and stream, the
+        engine, the runtime.
+        """
+        previous = None
+        try:
+            previous = cuda_rt.current_device()
+            cuda_rt.set_device(self.device_id)
+        except Exception as exc:  # teardown must not mask the error that caused it
+            logger.warning("close: cudaSetDevice(%d) failed: %s", self.device_id, exc)
+        for resource in self._resources:
+            if isinstance(resource, cuda_rt.Stream):
+                try:
+                    resource.synchronize()
+                except Exception as exc:
+                    logger.warning("close: stream sync failed: %s", exc)
         self.context = None
         for resource in reversed(self._resources):
             try:
-                if isinstance(resource, cuda_rt.Stream):
-                    resource.synchronize()
                 resource.close()
-            except Exception as exc:  # teardown must not mask the error that caused it
+            except Exception as exc:
                 logger.warning("releasing %s failed: %s", type(resource).__name__, exc)
         self._resources.clear()
         self.engine = None
+        self._runtime = None
+        if previous is not None and previous != self.device_id:
+            try:
+                cuda_rt.set_device(previous)
+            except Exception as exc:
+                logger.warning("close: could not make device %d current again: %s", previous, exc)

@@ -23,6 +23,12 @@ def _project() -> tuple[set[str], dict[str, set[str]]]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = {_dist(r) for r in project["dependencies"]}
     extras = {name: {_dist(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
+    for name, reqs in project["optional-dependencies"].items():  # "arcface-ray[cuda]": an extra of ours
+        for req in reqs:
+            if _dist(req) == project["name"]:
+                for inner in re.findall(r"\[([^\]]+)\]", req)[0].split(","):
+                    extras[name] |= extras[inner.strip()]
+                extras[name].discard(project["name"])
     return base, extras
 
 

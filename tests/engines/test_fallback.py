@@ -141,3 +141,30 @@ def test_a_preprocessing_or_package_change_is_measured_again_not_read_from_the_c
         assert drift_gate.verdict_path(cfg, mbf_model, buggy) != cached
         assert not gate(buggy).passed  # new code: measured, so the forged "pass" cannot hide it
         cached = drift_gate.verdict_path(cfg, mbf_model, buggy)
+
+
+class SizingBugEngine(OnnxEngine):
+    """A real onnx backend whose start-up then fails the way the TensorRT runner once did: a
+    ``ValueError`` sizing buffers from -1 dims. Not an ``EngineError``: the chain must still move on."""
+
+    def _start(self) -> None:
+        super()._start()
+        raise ValueError("engine input is (N, (3, -1, -1)), got (1, 3, 112, 112)")
+
+
+def test_any_start_up_error_is_a_failed_start_with_its_reason_and_the_next_backend_serves(
+        mbf_model, caplog):
+    import logging
+
+    def make(name):
+        if name == "sizing-bug":
+            return SizingBugEngine(mbf_model, EngineOptions(device="cpu"))
+        return make_engine(name, mbf_model, load_config(), "cpu")
+
+    with caplog.at_level(logging.WARNING, logger="engines.fallback"):
+        engine, report = start_chain("sizing-bug", ["sizing-bug", "onnx"], make)
+    assert engine.name == "onnx"
+    first, second = report.attempts
+    assert first.status == "failed" and first.reason.startswith("could not start: ValueError: engine input")
+    assert second.status == "selected"
+    assert "Traceback" in caplog.text  # an unexpected error type may be a bug: its traceback is logged

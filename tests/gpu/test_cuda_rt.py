@@ -62,15 +62,38 @@ def test_plan_key_on_this_device(mbf_model):
         import tensorrt
 
         version = tensorrt.__version__
+        cuda_major = None  # detected from the installed tensorrt-cuNN distribution
     except ImportError:
-        version = "11.4.0.106"  # the pinned gpu extra: the key this host would look up
-    target = detect_build_target(0, trt_version=version)
+        version, cuda_major = "11.4.0.106", 13  # the pinned gpu extra: the key this host would look up
+    target = detect_build_target(0, trt_version=version, trt_cuda_major=cuda_major)
     facts = cuda_rt.device_facts(0)
     assert target.compute_capability == (facts.major, facts.minor) and target.gpu_name == facts.name
     key = plan_key(mbf_model, BuildSettings(precision="fp32"), target)
     fields = parse_key(key)
     assert fields["sm"] == f"{facts.major}{facts.minor}" and fields["trt"] == version
+    assert fields["device"] == target.device_tag[1:] and fields["cuda"] == str(target.trt_cuda_major)
     print(f"\nengine key on {facts.name}: {key}")
+
+
+def test_driver_and_runtime_are_the_cuda_13_stack():
+    driver, runtime = cuda_rt.driver_version(), cuda_rt.runtime_version()
+    print(f"\nCUDA driver supports {cuda_rt.cuda_version_text(driver)}, cuda-python runtime "
+          f"{cuda_rt.cuda_version_text(runtime)}")
+    assert driver >= runtime // 1000 * 1000 and runtime // 1000 == cuda_rt.STACK_CUDA_MAJOR
+
+
+def _device_count() -> int:
+    return int(cuda_rt.check(cuda_rt.cudart().cudaGetDeviceCount(), "cudaGetDeviceCount"))
+
+
+def test_set_device_is_right_after_another_library_switched_the_device():
+    if _device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    rt = cuda_rt.cudart()
+    cuda_rt.set_device(0)
+    cuda_rt.check(rt.cudaSetDevice(1), "cudaSetDevice(1)")  # as ONNX Runtime's CUDA EP does on this thread
+    cuda_rt.set_device(0)
+    assert cuda_rt.current_device() == 0
 
 
 def test_bad_device_index_is_an_engine_error():

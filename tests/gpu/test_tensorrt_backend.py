@@ -18,7 +18,6 @@ from gpu_helpers import need_cuda_python, need_tensorrt
 
 from engines import get_engine, load_config
 from engines.drift import compare_embeddings
-from engines.errors import EngineBuildError
 from engines.models.sample_faces import jittered_faces
 
 pytestmark = pytest.mark.gpu
@@ -130,10 +129,58 @@ def test_threads_share_one_engine_safely(cfg, engines_by_key, eval_faces, mbf_mo
         np.testing.assert_allclose(rows, expected, atol=1e-5)
 
 
-def test_a_foreign_plan_is_refused_with_the_likely_cause():
+def test_a_foreign_plan_is_refused_with_what_tensorrt_said():
     need_tensorrt()
     need_cuda_python()
+    from engines.errors import PlanLoadError
     from engines.tensorrt.runner import TrtRunner
 
-    with pytest.raises(EngineBuildError, match="another TensorRT version"):
+    with pytest.raises(PlanLoadError, match=r"could not deserialize garbage\.plan") as info:
         TrtRunner(b"not a TensorRT plan" * 64, 0, origin="garbage.plan")
+    assert info.value.plan_at_fault, (info.value.cause, info.value.seen)
+    print(f"\nTensorRT on a foreign plan: cause {info.value.cause}, said {info.value.seen}")
+
+
+def test_fp16_engine_computes_in_fp16_and_fp32_in_fp32(cfg, engines_by_key, mbf_model):
+    """The engine inspector's layer precisions (plans are built with profiling_verbosity DETAILED):
+    on TensorRT 10 a missing FP16 flag would still build, in fp32, and still pass parity."""
+    fp16 = trt_engine(engines_by_key, cfg, mbf_model, "fp16").layer_precisions()
+    fp32 = trt_engine(engines_by_key, cfg, mbf_model, "fp32").layer_precisions()
+    print(f"\nlayer output dtypes: fp16 engine {fp16}, fp32 engine {fp32}")
+    floats16 = fp16.get("fp16", 0) + fp16.get("bf16", 0)
+    assert floats16 >= 0.5 * (floats16 + fp16.get("fp32", 0)), fp16
+    assert fp32.get("fp16", 0) == 0 and fp32.get("bf16", 0) == 0 and fp32.get("fp32", 0) > 0, fp32
+
+
+def test_a_plan_that_does_not_deserialise_is_quarantined_and_rebuilt(cfg, engines_by_key, mbf_model):
+    """The real runtime refusing real bytes: a cached plan overwritten (sidecar updated, so the
+    checksum passes) with garbage is quarantined at start-up and rebuilt once."""
+    import hashlib
+    import json
+
+    engine = trt_engine(engines_by_key, cfg, mbf_model, "fp32")
+    entry = engine._entry
+    garbage = b"not a plan any more" * 512
+    entry.path.write_bytes(garbage)
+    side = entry.path.with_name(entry.path.name + ".json")
+    side.write_text(json.dumps({**entry.sidecar, "sha256": hashlib.sha256(garbage).hexdigest()}))
+    fresh = get_engine("tensorrt", mbf_model, precision="fp32", device="cuda:0", config=cfg)
+    try:
+        assert fresh.info.runtime["tensorrt"]["engine_source"] == "built"
+        quarantine = entry.path.parent / "quarantine"
+        assert any(p.name.startswith(entry.key) for p in quarantine.iterdir())
+    finally:
+        fresh.close()
+
+
+def test_an_engine_on_the_second_device_closes_cleanly_from_a_thread_on_the_first(cfg, mbf_model, eval_faces):
+    from engines.tensorrt import cuda as cuda_rt
+
+    count = int(cuda_rt.check(cuda_rt.cudart().cudaGetDeviceCount(), "cudaGetDeviceCount"))
+    if count < 2:
+        pytest.skip("needs two CUDA devices")
+    engine = get_engine("tensorrt", mbf_model, precision="fp32", device="cuda:1", config=cfg)
+    rows = engine.encode(eval_faces[:8])
+    cuda_rt.set_device(0)  # what another library on this thread may leave current
+    engine.close()  # syncs the stream and frees on device 1, not 0, then gives device 0 back
+    assert rows.shape == (8, 512) and cuda_rt.current_device() == 0

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-TARGET = {"compute_capability": (8, 9), "trt_version": "10.16.0.0", "gpu_name": "simulated L4"}
+TARGET = {"compute_capability": (8, 9), "trt_version": "10.16.0.0", "gpu_name": "simulated L4",
+          "trt_cuda_major": 12}
 
 
 def known_plan_bytes(key: str) -> bytes:
@@ -47,7 +48,8 @@ def main(args: dict) -> None:
     Path(args["ready"]).touch()
     while not Path(args["go"]).exists():
         time.sleep(0.01)
-    target = BuildTarget(tuple(TARGET["compute_capability"]), TARGET["trt_version"], TARGET["gpu_name"])
+    target = BuildTarget(tuple(TARGET["compute_capability"]), TARGET["trt_version"], TARGET["gpu_name"],
+                         TARGET["trt_cuda_major"])
     entry = get_or_build_plan(model, cfg, target=target, build=build, poll_interval_s=0.1)
     data = entry.read_verified()
     print(json.dumps({"name": args["name"], "source": entry.source, "key": entry.key,

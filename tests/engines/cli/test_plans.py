@@ -125,6 +125,6 @@ def test_engines_refuse_bad_input_and_tampered_plans(mbf_model, s3_env, capsys):
 def test_engines_pull_needs_an_s3_store(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ARCFACE_TENSORRT__STORAGE__TYPE", "local")
     monkeypatch.setenv("ARCFACE_TENSORRT__STORAGE__CACHE_DIR", str(tmp_path))
-    key = "m-0123abcd-fp16-sm89-trt10.16.0.0-b1_32_128.plan"
+    key = "m-0123abcd-fp16-sm89-d0a1b2c-trt10.16.0.0-cu12-b1_32_128.plan"
     code, _, err = _arcface(capsys, "engines", "pull", key)
     assert code == 2 and "tensorrt.storage.type" in err

@@ -15,7 +15,8 @@ from onnx import TensorProto
 
 from engines import get_engine, resolve_model
 from engines.hardware import cpu_has_int8_dot
-from engines.models.precision import convert_model
+from engines.models import precision
+from engines.models.precision import conversion_recipe, convert_model, converted_path
 
 
 @pytest.fixture(scope="module", params=["fp16", "int8"])
@@ -44,6 +45,74 @@ def test_converted_graph_has_the_expected_nodes(converted):
         assert zero_points and all(
             not onnx.numpy_helper.to_array(z).any() for z in zero_points
         )  # symmetric: TensorRT's explicit quantisation needs zero points of 0
+
+
+def test_int8_graph_dequantizes_only_what_tensorrt_can(converted):
+    """TensorRT's DequantizeLinear takes int8 / fp8 / int4 / fp4: an int32 bias behind one never
+    builds (ONNX Runtime's CPU provider runs it, so only the graph itself can show this)."""
+    if converted.precision != "int8":
+        pytest.skip("int8 only")
+    graph = onnx.load(converted.path).graph
+    initializer_types = {i.name: i.data_type for i in graph.initializer}
+    q_outputs = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    dq_inputs = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert dq_inputs
+    for name in dq_inputs:
+        assert name in q_outputs or initializer_types.get(name) == TensorProto.INT8, name
+    zero_points = [i for i in graph.initializer if i.name.endswith("_zero_point")]
+    assert {z.data_type for z in zero_points} == {TensorProto.INT8}  # so every QuantizeLinear is int8 too
+    # biases stay float; BatchNormalization's parameters are constants, not dequantized tensors
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+            assert initializer_types.get(node.input[2]) == TensorProto.FLOAT, node.name
+        if node.op_type == "BatchNormalization":
+            assert not set(node.input[1:]) & dq_outputs, node.name
+
+
+def test_every_option_that_changes_the_graph_changes_the_file_name(mbf_model, monkeypatch):
+    base = converted_path(mbf_model, "int8", None, 64)
+    assert converted_path(mbf_model, "int8", None, 32) != base
+    assert converted_path(mbf_model, "fp16", None) != base
+    changes = [
+        ("INT8_EXTRA_OPTIONS", {**precision.INT8_EXTRA_OPTIONS, "QuantizeBias": True}),
+        ("INT8_EXTRA_OPTIONS", {**precision.INT8_EXTRA_OPTIONS, "CalibPercentile": 99.99}),
+        ("INT8_OP_TYPES", (*precision.INT8_OP_TYPES, "BatchNormalization")),
+        ("CALIBRATION_SEED", precision.CALIBRATION_SEED + 1),
+        ("_version", lambda dist: "0.0-another-quantiser"),
+    ]
+    for name, value in changes:
+        with monkeypatch.context() as m:
+            m.setattr(precision, name, value)
+            assert converted_path(mbf_model, "int8", None, 64) != base, name
+    assert converted_path(mbf_model, "int8", None, 64) == base
+
+
+def test_the_quantiser_is_called_with_the_recipe_and_nothing_else(mbf_model, tmp_path, monkeypatch):
+    """Every graph-changing argument of quantize_static comes from the recipe that names the file."""
+    import onnxruntime.quantization as q
+
+    seen = {}
+    real = q.quantize_static
+
+    def recording(model_input, model_output, reader, **kwargs):
+        seen.update(kwargs)
+        return real(model_input, model_output, reader, **kwargs)
+
+    monkeypatch.setattr(q, "quantize_static", recording)
+    graph = convert_model(mbf_model, "int8", cache_dir=str(tmp_path), calibration_size=16)
+    recipe = conversion_recipe("int8", 16)
+    assert seen["extra_options"] == recipe["extra_options"] and seen["extra_options"]["QuantizeBias"] is False
+    assert seen["op_types_to_quantize"] == recipe["op_types_to_quantize"]
+    assert "BatchNormalization" not in seen["op_types_to_quantize"]
+    assert seen["per_channel"] is recipe["per_channel"]
+    assert {k: str(v).rsplit(".", 1)[-1] for k, v in seen.items()
+            if k in ("quant_format", "activation_type", "weight_type", "calibrate_method")} == {
+        k: recipe[k] for k in ("quant_format", "activation_type", "weight_type", "calibrate_method")}
+    assert set(seen) == {"quant_format", "activation_type", "weight_type", "per_channel", "calibrate_method",
+                         "op_types_to_quantize", "extra_options"}
+    props = {p.key: p.value for p in onnx.load(graph.path, load_external_data=False).metadata_props}
+    assert json.loads(props["arcface_ray.recipe"]) == recipe
 
 
 def test_converted_model_has_own_sha_and_the_source_contract(converted, mbf_model):
@@ -123,4 +192,4 @@ def test_models_convert_reports_the_graphs_drift_against_fp32(tmp_path):
     drift = out["drift_vs_fp32"]
     assert out["precision"] == "fp16" and drift["graph_sha256"] == out["sha256"]
     assert drift["passed"] and drift["min_cosine_sim"] >= 0.999 and drift["n"] == 32
-    assert list((tmp_path / "models" / "converted").glob("*fp16.drift-*.json"))  # cached for the build
+    assert list((tmp_path / "models" / "converted").glob("*fp16-r*.drift-*.json"))  # cached for the build

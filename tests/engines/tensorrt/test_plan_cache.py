@@ -19,42 +19,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from engine_cache_worker import TARGET as WORKER_TARGET
 from engine_cache_worker import known_plan_bytes
 from moto_s3 import dead_endpoint
+from plan_fixtures import TARGET, CountingBuild, trt_config
 
-from engines.config import StorageConfig, TensorRTConfig
+from engines.config import TensorRTConfig
 from engines.drift_gate import conversion_drift
 from engines.errors import BackendUnavailable, EngineBuildError
 from engines.models import resolve_model
 from engines.models.precision import convert_model
 from engines.s3 import make_client
 from engines.tensorrt.plan_cache import LocalPlanCache, get_or_build_plan
-from engines.tensorrt.plan_key import BuildSettings, BuildTarget, parse_key, plan_key
+from engines.tensorrt.plan_key import BuildSettings, parse_key, plan_key
 from engines.tensorrt.plan_store import S3PlanStore
 
 WORKER = Path(__file__).parents[2] / "helpers" / "engine_cache_worker.py"
-TARGET = BuildTarget(tuple(WORKER_TARGET["compute_capability"]), WORKER_TARGET["trt_version"],
-                     WORKER_TARGET["gpu_name"])
-
-
-class CountingBuild:
-    """The test build step: writes the known bytes for the key and counts its calls."""
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-
-    def __call__(self, job) -> dict:
-        self.keys.append(job.key)
-        job.output_path.write_bytes(known_plan_bytes(job.key))
-        return {"builder": "test"}
-
-
-def trt_config(tmp_path: Path, name: str = "host", endpoint: str | None = None, bucket: str | None = None,
-               **kw) -> TensorRTConfig:
-    storage = StorageConfig(type="s3" if bucket else "local", bucket=bucket, prefix="engines",
-                            cache_dir=str(tmp_path / name), endpoint_url=endpoint)
-    return TensorRTConfig(precision="fp32", storage=storage, **kw)
 
 
 def measure(cfg: TensorRTConfig, max_drift: float = 0.001):
@@ -66,8 +45,8 @@ def test_key_names_graph_precision_gpu_version_and_profile(mbf_model):
     settings = BuildSettings(precision="fp32", min_batch=1, opt_batch=16, max_batch=64)
     key = plan_key(mbf_model, settings, TARGET)
     major, minor = TARGET.compute_capability
-    assert key == (f"synthetic-mobilefacenet-{mbf_model.sha256[:8]}-fp32-sm{major}{minor}"
-                   f"-trt{TARGET.trt_version}-b1_16_64.plan")
+    assert key == (f"synthetic-mobilefacenet-{mbf_model.sha256[:8]}-fp32-sm{major}{minor}-{TARGET.device_tag}"
+                   f"-trt{TARGET.trt_version}-cu{TARGET.trt_cuda_major}-b1_16_64.plan")
     fields = parse_key(key)
     assert fields["sha8"] == mbf_model.sha256[:8] and fields["trt"] == TARGET.trt_version
     ampere = plan_key(mbf_model, replace(settings, hardware_compatibility="ampere_plus"), TARGET)

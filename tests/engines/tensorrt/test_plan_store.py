@@ -17,7 +17,7 @@ def store(s3_endpoint, bucket) -> S3PlanStore:
     return S3PlanStore(make_client(s3_endpoint), bucket, "arcface/engines")
 
 
-KEY = "synthetic-mobilefacenet-0123abcd-fp16-sm89-trt10.16.0.0-b1_32_128.plan"
+KEY = "synthetic-mobilefacenet-0123abcd-fp16-sm89-d0a1b2c-trt10.16.0.0-cu12-b1_32_128.plan"
 
 
 def _publish(store: S3PlanStore, tmp_path, data: bytes) -> dict:
