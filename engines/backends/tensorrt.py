@@ -48,6 +48,7 @@ class TensorRTEngine(BaseEngine):
     """A TensorRT engine built (or fetched) for this GPU from the model's converted graph."""
 
     _serialize_runs = True
+    runs_uint8_graph = True  # a uint8 input binding: the device does the preprocessing
     config_section = "tensorrt"
     settings_type = TensorRTConfig
 
@@ -102,7 +103,7 @@ class TensorRTEngine(BaseEngine):
 
         def resolve(rebuild: bool):
             return get_or_build_plan(self.model, trt_cfg, device_id=device_id, measure_drift=measure,
-                                     rebuild=rebuild)
+                                     rebuild=rebuild, prepare=self._with_graph_preprocessing)
 
         def load(entry) -> TrtRunner:
             return TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))

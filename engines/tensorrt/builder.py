@@ -75,17 +75,20 @@ def _parse(trt: Any, builder: Any, onnx_path: str) -> tuple[Any, Any]:
 def _profile(builder: Any, network: Any, settings: BuildSettings) -> Any:
     if network.num_inputs != 1:
         names = [network.get_input(i).name for i in range(network.num_inputs)]
-        raise EngineBuildError(f"an ArcFace graph has one input (N,3,112,112); this one has {names}")
+        raise EngineBuildError(f"an ArcFace graph has one input ((N,3,112,112) float or (N,112,112,3) "
+                               f"uint8); this one has {names}")
     inp = network.get_input(0)
     shape = tuple(inp.shape)
     if len(shape) != 4:
-        raise EngineBuildError(f"input {inp.name!r} has shape {shape}; expected (N, 3, 112, 112)")
+        raise EngineBuildError(f"input {inp.name!r} has shape {shape}; expected (N, 3, 112, 112) or "
+                               "(N, 112, 112, 3)")
     if shape[0] != -1:
         raise EngineBuildError(
             f"input {inp.name!r} has a fixed batch of {shape[0]}; the engine needs a dynamic batch "
             "axis (re-export the ONNX with dynamic axis 0, as the synthetic and insightface models have)"
         )
-    rest = tuple(_FACE_DIMS[i] if d == -1 else d for i, d in enumerate(shape[1:]))
+    face = (112, 112, 3) if shape[-1] == 3 else _FACE_DIMS  # uint8 NHWC crops or float NCHW blobs
+    rest = tuple(face[i] if d == -1 else d for i, d in enumerate(shape[1:]))
     profile = builder.create_optimization_profile()
     profile.set_shape(
         inp.name,

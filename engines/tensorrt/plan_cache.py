@@ -336,6 +336,7 @@ def get_or_build_plan(
     poll_interval_s: float | None = None,
     measure_drift: DriftFn | None = None,
     rebuild: bool = False,
+    prepare: Callable[[ResolvedModel], ResolvedModel] | None = None,
 ) -> CachedPlan:
     """A verified local plan for ``model`` built as ``trt_cfg`` (a ``TensorRTConfig``) says.
 
@@ -347,11 +348,15 @@ def get_or_build_plan(
     the CPU by ``measure_drift`` (the backend passes ``drift_gate.conversion_drift``) and
     recorded in the sidecar (``build.graph_drift``); serving is the runtime drift gate's call.
     ``rebuild``: build on this host whatever the caches hold (after a quarantine),
-    sharing nothing through S3.
+    sharing nothing through S3. ``prepare`` turns the converted graph into the one built (the
+    backend passes the in-graph preprocessing: a uint8 input binding, a quarter of the bytes
+    to the device); the key hashes the result.
     """
     device_id = trt_cfg.device_id if device_id is None else device_id
     storage = trt_cfg.storage
     graph = convert_model(model, trt_cfg.precision, cache_dir=storage.cache_dir)
+    if prepare is not None:
+        graph = prepare(graph)
     target = target or detect_build_target(device_id)
     settings = BuildSettings.from_config(trt_cfg)
     key = plan_key(graph, settings, target)

@@ -184,3 +184,20 @@ def test_an_engine_on_the_second_device_closes_cleanly_from_a_thread_on_the_firs
     cuda_rt.set_device(0)  # what another library on this thread may leave current
     engine.close()  # syncs the stream and frees on device 1, not 0, then gives device 0 back
     assert rows.shape == (8, 512) and cuda_rt.current_device() == 0
+
+
+def test_the_uint8_input_graph_builds_and_matches_the_float_input_plan(cfg, engines_by_key, eval_faces,
+                                                                    mbf_model):
+    """Preprocessing in the graph on TensorRT: a uint8 input binding (a quarter of the bytes over
+    PCIe), the device does Cast/Transpose/BGR->RGB/mean/std; same vectors as the float-input plan."""
+    graph = trt_engine(engines_by_key, cfg, mbf_model, "fp32")  # embedding.preprocess: auto = graph
+    host_cfg = replace(cfg, embedding=replace(cfg.embedding, preprocess="host"))
+    host = get_engine("tensorrt", mbf_model, precision="fp32", device="cuda:0", config=host_cfg)
+    try:
+        assert graph.info.input_layout == "nhwc_uint8_bgr" and host.info.input_layout == "nchw_float"
+        assert graph.info.runtime["tensorrt"]["io"]["input_dtype"] == "uint8"
+        assert graph.info.contract == host.info.contract
+        cos = (graph.encode(eval_faces) * host.encode(eval_faces)).sum(1)
+        assert cos.min() >= 0.99999, cos.min()
+    finally:
+        host.close()
