@@ -49,6 +49,7 @@ class BenchResult:
     probe: bool = False  # synthetic:probe: the figures are the harness's own cost, no model's
     requested_backend: str = ""
     error: str | None = None
+    input_layout: str = ""  # nchw_float (host preprocessing) or nhwc_uint8_bgr (in the graph)
     mem_kind: str = "rss"  # what peak_mem_mb measures: "rss" (host, CPU engines) | "device" (GPU memory)
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +69,9 @@ class BenchSpec:
     # False: start the engine without the startup drift gate, so that a path the gate
     # would refuse can still be measured (the report shows its drift next to its speed)
     drift_gate: bool = True
+    # embedding.preprocess for this worker (None: the config's): compare the in-graph
+    # preprocessing with the host's side by side
+    preprocess: str | None = None
 
 
 def _peak_rss_mb() -> float:
@@ -160,6 +164,8 @@ def _worker(spec: BenchSpec, conn, gpu_start_lock=None) -> None:
         cfg = load_config(spec.config_path) if spec.config_path else load_config()
         if not spec.drift_gate:
             cfg = replace(cfg, validation=replace(cfg.validation, enabled=False))
+        if spec.preprocess:
+            cfg = replace(cfg, embedding=replace(cfg.embedding, preprocess=spec.preprocess))
         largest = max(spec.batch_size, spec.max_batch_size or 1)
         device = resolve_device(spec.device or cfg.embedding.device)
         with gpu_start_lock if device.startswith("cuda") and gpu_start_lock else contextlib.nullcontext():
@@ -293,16 +299,19 @@ def run_benchmark(
     specs: list[BenchSpec] | None = None,
     timeout_s: float = 900.0,
     progress: bool = False,
+    preprocess: list[str] | None = None,
 ) -> list[BenchResult]:
     """Benchmark ``backends`` on ``model``; the first one is the speed-up baseline.
 
     ``specs`` overrides ``backends`` for mixed configurations (per-backend
-    precision or batch size), as the report command uses.
+    precision or batch size), as the report command uses. ``preprocess`` (e.g.
+    ``["host", "graph"]``) runs every backend once per preprocessing mode.
     """
     if batch_size < 1 or num_faces < 1:
         raise ValueError(f"batch_size and num_faces must be >= 1, got {batch_size}, {num_faces}")
     specs = specs or [
-        BenchSpec(b, model, batch_size, precision, device, config_path) for b in backends
+        BenchSpec(b, model, batch_size, precision, device, config_path, preprocess=p)
+        for b in backends for p in (preprocess or [None])
     ]
     ctx = mp.get_context("spawn")
     start_lock = ctx.Lock()
@@ -356,6 +365,7 @@ def run_benchmark(
                 device=info.get("device", spec.device or "?"),
                 synthetic=bool(info.get("synthetic", False)),
                 probe=bool(info.get("probe", False)),
+                input_layout=str(info.get("input_layout", "")),
                 error=runner.error,
                 mem_kind="device" if device_mb is not None else "rss",
             )
@@ -384,12 +394,17 @@ def _model_label(r: BenchResult) -> str:
     return f"{r.model} (SYNTHETIC)" if r.synthetic else r.model
 
 
+def _input_label(r: BenchResult) -> str:
+    """``u8``: the graph does the preprocessing on the raw crops; ``f32``: numpy's blob."""
+    return {"nhwc_uint8_bgr": "u8", "nchw_float": "f32"}.get(r.input_layout, "?")
+
+
 def format_table(results: list[BenchResult]) -> str:
     """The human table: one row per backend, the model on every row, and what the memory
     column measures (``rss`` host peak or ``device`` GPU memory) next to its value."""
     width = max([len("model"), *(len(_model_label(r)) for r in results)])
     header = (
-        f"{'backend':<12} {'model':<{width}} {'precision':<9} {'batch':>5} {'faces/s':>9} "
+        f"{'backend':<12} {'model':<{width}} {'precision':<9} {'input':<5} {'batch':>5} {'faces/s':>9} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'peak MB':>7} {'mem':<6} {'speedup':>7}"
     )
     lines = [header, "-" * len(header)]
@@ -398,7 +413,8 @@ def format_table(results: list[BenchResult]) -> str:
             lines.append(f"{r.requested_backend:<12} {_model_label(r):<{width}} ERROR: {r.error}")
             continue
         lines.append(
-            f"{r.backend:<12} {_model_label(r):<{width}} {r.precision:<9} {r.batch_size:>5} "
+            f"{r.backend:<12} {_model_label(r):<{width}} {r.precision:<9} {_input_label(r):<5} "
+            f"{r.batch_size:>5} "
             f"{r.throughput_fps:>9.1f} {r.latency_ms_p50:>8.1f} {r.latency_ms_p99:>8.1f} "
             f"{r.peak_mem_mb:>7.0f} {r.mem_kind:<6} {r.speedup:>6.2f}x"
         )

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         config_path=args.config,
         progress=not args.json,
+        preprocess=args.preprocess,
     )
     failed = any(r.error for r in results)
     if args.json:
@@ -68,6 +69,13 @@ def _bench_report(args: argparse.Namespace) -> int:
     return EXIT_FAILED if reference_failed else EXIT_OK
 
 
+def _preprocess_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in ("auto", "graph", "host") for m in modes):
+        raise argparse.ArgumentTypeError(f"comma-separated auto, graph, host; got {text!r}")
+    return modes
+
+
 def _model_names(text: str) -> list[str]:
     from ..models.synthetic import ARCHITECTURES
 
@@ -97,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=positive_int, default=4,
                    help="interleaved rounds (A,B,A,B...) to spread machine noise")
     p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--preprocess", type=_preprocess_modes, metavar="MODES",
+                   help="comma-separated host,graph: run every backend once per preprocessing mode "
+                        "(default: embedding.preprocess)")
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     r = p.add_argument_group("report (every backend and precision, several models and batch sizes)")

@@ -61,3 +61,12 @@ def test_cpu_bench_reports_peak_rss_and_never_loads_cuda():
     assert result.error is None and result.device == "cpu"
     assert result.mem_kind == "rss" and result.peak_mem_mb > 10 and not math.isnan(result.peak_mem_mb)
     assert result.to_dict()["mem_kind"] == "rss" and "peak_mem_mb" in result.to_dict()
+
+
+def test_preprocess_modes_run_side_by_side_on_the_probe():
+    results = run_benchmark(["onnx"], "synthetic:probe", batch_size=4, num_faces=8, warmup_batches=1,
+                            rounds=1, preprocess=["host", "graph"])
+    assert [r.input_layout for r in results] == ["nchw_float", "nhwc_uint8_bgr"]
+    assert all(r.error is None and r.throughput_fps > 0 and r.probe for r in results)
+    table = format_table(results)
+    assert "(PROBE)" in table and " u8 " in table and " f32 " in table
