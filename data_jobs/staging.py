@@ -6,6 +6,8 @@ tasks) writes each block's rows, grouped by episode, to
 the uids it holds, so a write task Ray retries after a worker died rewrites
 the *same* file instead of adding a duplicate; each file appears atomically.
 After a crash, the staged uids are exactly the rows that need no recompute.
+Each write also tells the job's ``StagingTracker`` (``scheduler.py``) which episode
+it added rows to, so an episode is committed as soon as its rows are all staged.
 
 The job owns ``_staging/`` and nothing in it but files named ``STAGED_NAME`` (and
 ``write_atomic``'s temporary files): those are what it reads back, and all it ever
@@ -77,8 +79,9 @@ def normalize_rows(table: pa.Table) -> pa.Table:
 class StagingDatasink(Datasink):
     """Writes embedded rows to per-episode staging files (see module docstring)."""
 
-    def __init__(self, output: Location, fault: dict[str, Any] | None = None) -> None:
+    def __init__(self, output: Location, tracker: Any = None, fault: dict[str, Any] | None = None) -> None:
         self.output = output
+        self.tracker = tracker  # a StagingTracker actor handle, or None
         self.fault = fault or {}
 
     def get_name(self) -> str:
@@ -93,9 +96,13 @@ class StagingDatasink(Datasink):
             table = normalize_rows(table)
             for episode in pc.unique(table["episode_id"]).to_pylist():
                 part = table.filter(pc.equal(table["episode_id"], episode))
-                path = staging_dir(self.output, episode).join(staged_name(part["uid"].to_pylist())).path
-                write_parquet_atomic(self.output.fs, path, part.drop_columns(["episode_id"]))
+                name = staged_name(part["uid"].to_pylist())
+                write_parquet_atomic(self.output.fs, staging_dir(self.output, episode).join(name).path,
+                                     part.drop_columns(["episode_id"]))
                 written += part.num_rows
+                if self.tracker is not None:  # fire and forget: a lost report only delays a commit
+                    good = pc.sum(pc.equal(part["error"], "")).as_py() or 0
+                    self.tracker.staged.remote(episode, name, part.num_rows, good)
             self._maybe_crash_driver()
         return written
 
@@ -162,11 +169,19 @@ def read_staged(output: Location, files: list[str]) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def remove_staging(output: Location, episode: str, files: list[str]) -> None:
-    """Delete the staging ``files`` of ``episode`` (the ones its commit read, or an already
-    committed episode's leftovers), the temporary files a crashed write left beside them,
-    then the directories if nothing else is in them."""
-    directory = staging_dir(output, episode)
-    delete_files(output.fs, [*files, *orphan_tmp_files(directory)])
-    remove_dir_if_empty(directory)
+def delete_staged(output: Location, episode: str, files: list[str]) -> None:
+    """Delete the staging ``files`` a commit of ``episode`` read, then its directories if nothing
+    else is in them. Temporary files are left alone: while the job runs, a duplicate write (a
+    retried task) may be in the middle of one; ``remove_staging`` takes them when none can be."""
+    delete_files(output.fs, files)
+    remove_dir_if_empty(staging_dir(output, episode))
     remove_dir_if_empty(output.join(STAGING_DIR))
+
+
+def remove_staging(output: Location, episode: str, files: list[str]) -> None:
+    """Delete the staging ``files`` of a committed ``episode`` (the leftovers of a commit cut short,
+    or a duplicate write that landed after the commit), the temporary files a crashed write left
+    beside them, then the directories if nothing else is in them. At the job's start and end only,
+    when no staging write is in flight."""
+    delete_files(output.fs, orphan_tmp_files(staging_dir(output, episode)))
+    delete_staged(output, episode, files)
