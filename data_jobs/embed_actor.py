@@ -9,8 +9,7 @@ Batches are Arrow tables: the crops reach the engine as the uint8 array the deco
 built (no copy when every row decoded, which is the common case), the vectors leave as a
 ``fixed_size_list`` over the engine's own output buffer, and every other column (ids,
 pass-through) is passed on untouched.
-``fault`` holds test hooks only: fault injection, a trace of which node embedded what, and a
-hold on one episode's rows (so a test can watch earlier episodes commit while the job runs).
+``fault`` holds test hooks only: fault injection, and a trace of which node embedded what.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +82,8 @@ class EmbedActor:
         with self._record.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
 
-    def _maybe_hold(self, batch: pa.Table) -> None:
-        """Test hook: hold a batch of one episode's rows only until a marker file exists (at most
-        ``hold_timeout_s``), so the episodes before it commit while this one is still embedding."""
-        episode, marker = self._fault.get("hold_episode"), self._fault.get("release_marker")
-        if not episode or not marker or not pc.all(pc.equal(batch["episode_id"], episode)).as_py():
-            return
-        deadline = time.monotonic() + float(self._fault.get("hold_timeout_s", 300))
-        while not Path(marker).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._maybe_die()
-        self._maybe_hold(batch)
         n = batch.num_rows
         ok = pc.equal(batch["error"], "").to_numpy(zero_copy_only=False)
         crops = _crops(batch["crop"])

@@ -231,13 +231,12 @@ def run_pipeline(spec: JobSpec, index: InputIndex, exclusions: Exclusions, outpu
             "config_path": cfg.source if cfg.source != "<defaults>" else None,
             "overrides": _engine_overrides(spec),
             "fault": {"kill_after_batches": fault.get("kill_actor_after_batches"),
-                      "marker": fault.get("kill_actor_marker"), "record_dir": fault.get("record_actors_dir"),
-                      "hold_episode": fault.get("hold_episode"),
-                      "release_marker": fault.get("release_marker")},
+                      "marker": fault.get("kill_actor_marker"), "record_dir": fault.get("record_actors_dir")},
         },
     )
-    crash = {"crash_driver_after_files": fault.get("crash_driver_after_files"), "driver_pid": os.getpid()}
-    sink = StagingDatasink(output, tracker, fault=crash)
+    hooks = {"crash_driver_after_files": fault.get("crash_driver_after_files"), "driver_pid": os.getpid(),
+             "hold_episode": fault.get("hold_episode"), "release_marker": fault.get("release_marker")}
+    sink = StagingDatasink(output, tracker, fault=hooks)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": s.write_num_cpus})
 
 
@@ -324,13 +323,14 @@ def run_job(spec: JobSpec) -> JobReport:
         return CommitRequest(ep, expected, engine, job, policy, index.pass_through, before, spec.fault,
                              target)
 
+    work = bool(to_commit) or target is not None  # a run with nothing to do writes nothing
     progress = Progress(output, input_loc.uri, len(episodes), len(committed), rows_to_process,
-                        spec.settings.progress_interval_s)
+                        spec.settings.progress_interval_s) if work else None
     started = time.perf_counter()
     try:
         results: dict[str, EpisodeResult] = {}
         store = None
-        if to_commit or target is not None:
+        if work:
             _ensure_ray(spec.settings)
             started = time.perf_counter()  # cluster start is not job time
             progress.started = time.monotonic()
@@ -347,9 +347,11 @@ def run_job(spec: JobSpec) -> JobReport:
         report = _report(spec, input_loc, output, index, committed, results, rows_to_process, seconds, engine,
                          lance)
     except BaseException as exc:
-        progress.close("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        if progress is not None:
+            progress.close("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
-    progress.close("done", report=report.to_dict())
+    if progress is not None:
+        progress.close("done", report=report.to_dict())
     return report
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,7 @@ class StagingDatasink(Datasink):
                 continue
             table = normalize_rows(table)
             for episode in pc.unique(table["episode_id"]).to_pylist():
+                self._maybe_hold(episode)
                 part = table.filter(pc.equal(table["episode_id"], episode))
                 name = staged_name(part["uid"].to_pylist())
                 write_parquet_atomic(self.output.fs, staging_dir(self.output, episode).join(name).path,
@@ -105,6 +107,16 @@ class StagingDatasink(Datasink):
                     self.tracker.staged.remote(episode, name, part.num_rows, good)
             self._maybe_crash_driver()
         return written
+
+    def _maybe_hold(self, episode: str) -> None:
+        """Test hook: hold one episode's rows until a marker file exists (at most ``hold_timeout_s``),
+        so a test can read the episodes before it, committed while the job still runs."""
+        held, marker = self.fault.get("hold_episode"), self.fault.get("release_marker")
+        if episode != held or not marker:
+            return
+        deadline = time.monotonic() + float(self.fault.get("hold_timeout_s", 300))
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _maybe_crash_driver(self) -> None:
         """Fault injection for tests: kill the job's driver once K staging files exist."""

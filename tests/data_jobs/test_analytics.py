@@ -58,7 +58,7 @@ def _uids(table: pa.Table) -> list[str]:
 @pytest.fixture(scope="module")
 def watched(ray_local, synthetic, tmp_path_factory):
     """One job (Lance store on, min_quality and best-k set) whose last episode's rows are held in
-    the actor until the test has read what committed meanwhile, and progress.json as it was then."""
+    its staging write until the test has read what committed meanwhile, and progress.json as it was then."""
     import ray
 
     root = tmp_path_factory.mktemp("watched")
@@ -119,7 +119,8 @@ def test_an_episode_committed_while_the_job_runs_is_readable(watched, synthetic)
         expected = manifest.filter(pc.equal(manifest["episode_id"], ep))
         assert sorted(_uids(rows)) == sorted(_uids(expected))
     assert seen["progress"]["state"] == "running"
-    assert 2 <= seen["progress"]["episodes_committed"] < 3
+    # progress.json is rewritten on its own clock: it may lag the commits, never lead them
+    assert 1 <= seen["progress"]["episodes_committed"] <= len(seen["episodes"]) < 3
     assert set(seen["progress"]["committed"]) <= set(seen["episodes"])
 
 

@@ -287,12 +287,25 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_pa
     root = Path(sample.directory)
     for path in root.rglob("*.jpg"):
         s3.upload_file(str(path), "frames", f"episodes/{path.relative_to(root)}")
-    report = run_job(spec("s3://frames/episodes", "s3://frames/out"))
+    report = run_job(spec("s3://frames/episodes", "s3://frames/out", lance_uri="s3://frames/store"))
     assert report.faces == sample.decodable and report.failures == sample.corrupt
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="frames", Prefix="out/")["Contents"]]
-    assert "out/embeddings/episode_id=ep000/_SUCCESS" in keys
+    assert "out/embeddings/episode_id=ep000/_SUCCESS" in keys and "out/progress.json" in keys
     assert not [k for k in keys if k.startswith("out/_staging") or k.endswith(".tmp")], keys
-    assert_exactly_once(read_committed("s3://frames/out", endpoint_url=s3_endpoint), sample)
+    rows = read_committed("s3://frames/out", endpoint_url=s3_endpoint)
+    assert_exactly_once(rows, sample)
+    progress = json.loads(s3.get_object(Bucket="frames", Key="out/progress.json")["Body"].read())
+    assert progress["state"] == "done" and progress["episodes_committed"] == 2
+    # the Lance store on S3, read with lancedb through the same endpoint
+    import lancedb
+
+    from data_jobs.vector_store import lance_storage_options
+
+    db = lancedb.connect("s3://frames/store", storage_options=lance_storage_options("s3://frames/store",
+                                                                                     s3_endpoint, None))
+    faces = db.open_table("faces").to_arrow()
+    assert_exactly_once(faces, sample, vectors(rows))
+    assert db.open_table("tracks").count_rows() == 6 and report.lance["tracks_indexed"] == 6
 
     # a local manifest whose rows point into the bucket: reached through the same endpoint
     files = sorted(root.rglob("*.jpg"))
