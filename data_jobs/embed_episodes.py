@@ -40,8 +40,8 @@ from .quality import TemplatePolicy
 from .scheduler import CommitScheduler
 from .settings import EpisodeJobSettings
 from .sources import InputIndex, discover, make_uid
-from .staging import StagedEpisode, StagingDatasink, list_staged, remove_staging
-from .storage import Location, check_output_dir, delete_files, locate, orphan_tmp_files
+from .staging import STAGING_DIR, StagedEpisode, StagingDatasink, list_staged, remove_staging, staged_files
+from .storage import Location, check_output_dir, delete_files, list_files, locate, orphan_tmp_files
 
 logger = logging.getLogger("data_jobs.embed_episodes")
 
@@ -241,14 +241,18 @@ def run_pipeline(spec: JobSpec, index: InputIndex, exclusions: Exclusions, outpu
 
 
 def _clean_leftovers(output: Location, episodes: list[str], committed: set[str]) -> None:
-    """Staging of committed episodes (a commit cut short before its clean-up, or a duplicate write
-    that landed after the commit), and a write probe's temporary file: the job's own files only
-    (``remove_staging``). At the start and the end, when no write is in flight."""
-    for episode, staged in list_staged(output, set(episodes)).items():
-        if episode in committed:
+    """Staging of committed episodes (a commit cut short before its clean-up, a duplicate write
+    that landed after the commit, a crashed write's temporary file), and a write probe's
+    temporary file: the job's own files only (``remove_staging``). At the start and the end,
+    when no write is in flight."""
+    root = output.join(STAGING_DIR)
+    present = {i.path[len(root.path) + 1 :].split("/")[0] for i in list_files(root)}
+    for episode in sorted(present & committed & set(episodes)):
+        files = staged_files(output, episode)
+        if files:
             logger.info("removing the leftover staging of committed episode %s (%d files)", episode,
-                        len(staged.files))
-            remove_staging(output, episode, staged.files)
+                        len(files))
+        remove_staging(output, episode, files)
     delete_files(output.fs, orphan_tmp_files(output))
 
 

@@ -211,7 +211,9 @@ def test_driver_killed_after_an_episode_committed_resumes_exactly_once_in_parque
     done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["episodes_skipped"] == 1 and report["episodes_committed"] == 1
+    # the commit of ep001 may have been under way, on a worker the driver's death does not stop
+    assert report["episodes_skipped"] + report["episodes_committed"] == 2
+    assert report["episodes_committed"] <= 1
     assert {k: v for k, v in snapshot(out).items() if k in committed_files} == committed_files
     reference = vectors(read_rows(clean_run[0]))
     assert_exactly_once(read_rows(str(out)), sample, reference)
