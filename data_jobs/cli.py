@@ -14,14 +14,23 @@ EMBED_HELP = "offline job: embed every face of many episodes (Ray Data)"
 def cmd_embed_episodes(args: argparse.Namespace) -> int:
     """Parse the job's own arguments now: its parser lives in ``embed_episodes``, which imports
     Ray Data, and only this command may pay for that (see ``_add_embed``)."""
-    from .embed_episodes import build_parser, run_from_args
+    from .job_args import build_parser, run_from_args
 
     parser = build_parser(argparse.ArgumentParser(prog="arcface embed-episodes", description=EMBED_HELP))
     return run_from_args(parser.parse_args(args.job_args))
 
 
 def cmd_sample_episodes(args: argparse.Namespace) -> int:
-    from .sample import make_sample_episodes
+    from .sample import make_sample_episodes, make_synthetic_manifest
+
+    if args.faces:
+        synth = make_synthetic_manifest(args.out, args.faces, args.episodes, args.tracks, args.seed)
+        print(f"{synth.faces} faces ({synth.episodes} episodes x {synth.tracks_per_episode} tracks) over "
+              f"{synth.pool_files} pooled crops; pass-through columns timestamp, box, det_score, shot_id")
+        print(f"manifest layout   {synth.manifest}")
+        if args.json:
+            print(json.dumps(synth.__dict__))
+        return 0
 
     summary = make_sample_episodes(args.out, args.episodes, args.tracks, args.frames, args.corrupt, args.seed)
     print(f"{summary.faces} faces ({summary.episodes} episodes x {summary.tracks_per_episode} tracks x "
@@ -47,6 +56,9 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracks", type=positive_int, default=3)
     p.add_argument("--frames", type=positive_int, default=8)
     p.add_argument("--corrupt", type=int, default=0, help="undecodable files to add (for error handling)")
+    p.add_argument("--faces", type=positive_int,
+                   help="instead: a synthetic manifest of N faces over --episodes x --tracks, in seconds "
+                        "(pooled crops + pass-through columns; for scale runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 

@@ -5,25 +5,35 @@ and ``pyarrow.dataset`` see an ``episode_id`` column):
 
     <out>/embeddings/episode_id=<ep>/part-0.parquet   one row per embedded face
     <out>/embeddings/episode_id=<ep>/_SUCCESS         JSON: counts + engine info
-    <out>/templates/episode_id=<ep>/part-0.parquet    per-track mean templates
+    <out>/templates/episode_id=<ep>/part-0.parquet    per-track templates (quality.py)
     <out>/errors/episode_id=<ep>/part-0.parquet       rows that failed: reason, error
 
+``commit_episode`` runs as a Ray task (``commit_task``), on the cluster, as soon as
+the scheduler (``scheduler.py``) sees every row of the episode staged: the driver
+hands it the episode's expected uids and gets back counts, never rows or vectors.
 An episode is committed when its ``_SUCCESS`` exists: it is written last, after
-every data file, and staging is deleted only after it. A crash anywhere leaves
-either a committed episode or one whose staging still holds every finished row.
+every data file, and staging is deleted only after it. A crash anywhere (the task's
+worker, or the driver) leaves either a committed episode or one whose staging still
+holds every finished row; a commit Ray retries after its worker died finds either
+its own half-written files (rewritten) or its ``_SUCCESS`` (and only cleans up).
 Duplicate uids (a retried task) are dropped here, so each face is written once.
+A commit started on a hint that turns out early (some rows not staged yet) writes
+nothing and says so (``incomplete``); the scheduler tries again later.
 Until ``_SUCCESS`` exists an episode's data files may be there, half of them new:
 ``reader.py`` reads committed episodes only. Every path is built from a safe
-episode id (``ids.py``), and clean-up deletes the staging files the commit read and
-the temporary files of crashed writes, nothing else.
+episode id (``ids.py``), and clean-up deletes the staging files the commit read,
+nothing else (temporary files of crashed writes are removed at the job's start and
+end, when no write can be in flight).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,8 +42,10 @@ import pyarrow.compute as pc
 
 from engines import EngineError
 
+from .columns import ERROR_COLUMNS, ROW_COLUMNS
 from .ids import require_safe_id
-from .staging import embedding_array, read_staged, remove_staging, staged_files
+from .quality import TemplatePolicy, counted_crops, track_templates
+from .staging import delete_staged, read_staged, staged_files
 from .storage import (
     Location,
     delete_files,
@@ -47,9 +59,6 @@ from .storage import (
 logger = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
-ROW_COLUMNS = ("track_id", "frame", "embedding", "norm", "model_id", "model_sha256", "backend",
-               "precision", "contract", "source")
-ERROR_COLUMNS = ("track_id", "frame", "source", "reason", "error")
 TABLES = ("embeddings", "templates", "errors")
 
 
@@ -95,78 +104,146 @@ def _dedupe(table: pa.Table) -> pa.Table:
     return table.take(pa.array(np.sort(first)))
 
 
-def track_templates(rows: pa.Table) -> pa.Table:
-    """Per-track mean embedding, re-normalised, with frame counts."""
-    tracks = rows["track_id"].to_numpy(zero_copy_only=False)
-    emb = rows["embedding"].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
-    names, inverse, counts = np.unique(tracks, return_inverse=True, return_counts=True)
-    sums = np.zeros((len(names), emb.shape[1]), np.float64)
-    np.add.at(sums, inverse, emb)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    templates = (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    norm_mean = np.bincount(inverse, weights=rows["norm"].to_numpy()) / counts
-    return pa.table({
-        "track_id": pa.array(names.tolist(), pa.string()),
-        "template": embedding_array(templates),
-        "frame_count": pa.array(counts, pa.int64()),
-        "mean_norm": pa.array(norm_mean.astype(np.float32)),
-        "contract": pa.array([rows["contract"][0].as_py()] * len(names), pa.string()),
-    })
+@dataclass(frozen=True)
+class CommitRequest:
+    """What one episode's commit task needs: small (the episode's uids, never its rows)."""
+
+    episode: str
+    expected: pa.Array  # uids the index expects (string)
+    engine: dict[str, Any]
+    job: dict[str, Any]
+    policy: TemplatePolicy = field(default_factory=TemplatePolicy)
+    pass_through: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    staged_before: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # earlier runs' rows
+    fault: dict[str, Any] = field(default_factory=dict)
+    store: Any = None  # a lance_store.StoreTarget when the Lance sink is on
 
 
-def commit_episode(output: Location, episode: str, expected_uids: set[str], engine: dict[str, Any],
-                   job: dict[str, Any], staged_before: frozenset[str] = frozenset()) -> EpisodeResult:
-    """Write the final files of ``episode`` from staging, then ``_SUCCESS``, then clean up.
-    ``staged_before``: uids an earlier run staged (not counted as embedded by this one)."""
+@dataclass(frozen=True)
+class CommitOutcome:
+    """``result`` when committed (now, or by an earlier attempt: ``already``); ``missing`` rows
+    when the episode was not complete yet (nothing written)."""
+
+    episode: str
+    result: EpisodeResult | None = None
+    missing: int = 0
+    already: bool = False
+    store_fragments: bytes | None = None  # pickled Lance fragments (lance_store.py), if a store is on
+
+
+def _with_pass_through(table: pa.Table, columns: tuple[str, ...], pass_through: pa.Schema) -> pa.Table:
+    """``columns`` then every pass-through column, typed as the manifest's unified schema (a
+    column a block lacked, or had as nulls only, comes back with its type)."""
+    out = table.select(list(columns))
+    for f in pass_through:
+        values = table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        out = out.append_column(f, values.cast(f.type) if values.type != f.type else values)
+    return out
+
+
+def _maybe_die(fault: dict[str, Any], episode: str) -> None:
+    """Fault injection for tests: the commit task's worker dies once, between the data files and
+    ``_SUCCESS`` (Ray retries the task)."""
+    marker = fault.get("kill_commit_marker")
+    if not marker or Path(marker).exists():
+        return
+    Path(marker).write_text(episode)
+    logger.warning("fault injection: commit of %s dies before its _SUCCESS (pid %d)", episode, os.getpid())
+    os._exit(1)
+
+
+def _already_committed(output: Location, request: CommitRequest, files: list[str]) -> CommitOutcome | None:
+    manifest = read_success(output, request.episode)
+    if manifest is None:
+        return None
+    delete_staged(output, request.episode, files)  # a retried commit: the first attempt wrote _SUCCESS
+    result = EpisodeResult(request.episode, manifest["rows"], manifest["errors"], manifest["tracks"],
+                           manifest.get("embedded", 0))
+    return CommitOutcome(request.episode, result, already=True)
+
+
+def commit_episode(output: Location, request: CommitRequest) -> CommitOutcome:
+    """Write the final files of ``request.episode`` from staging, then ``_SUCCESS``, then clean up."""
+    episode = request.episode
     files = staged_files(output, episode)
+    done = _already_committed(output, request, files)
+    if done is not None:
+        return done
     staged = read_staged(output, files)
-    staged_set = set(staged["uid"].to_pylist()) if staged is not None else set()
-    missing = expected_uids - staged_set
+    expected = request.expected
+    if staged is None:
+        return CommitOutcome(episode, missing=len(expected))
+    present = pc.is_in(expected, staged["uid"])
+    missing = len(expected) - pc.sum(present).as_py() if len(expected) else 0
     if missing:
-        raise IncompleteEpisode(
-            f"episode {episode}: {len(missing)} of {len(expected_uids)} rows are not staged "
-            f"(e.g. {sorted(missing)[:3]}); re-run the job to finish them"
-        )
-    table = _dedupe(staged.filter(pc.is_in(staged["uid"], pa.array(sorted(expected_uids)))))
+        return CommitOutcome(episode, missing=missing)
+    table = _dedupe(staged.filter(pc.is_in(staged["uid"], expected)))
     if "reason" not in table.column_names:  # staged by a version without reasons
         table = table.append_column("reason", pa.nulls(table.num_rows, pa.string()))
-    contracts = set(table["contract"].to_pylist())
+    contracts = set(pc.unique(table["contract"]).to_pylist())
     if len(contracts) > 1:
         raise IncompleteEpisode(f"episode {episode}: rows from several embedding contracts {contracts}")
     failed = pc.not_equal(table["error"], "")
     good = table.filter(pc.invert(failed)).sort_by([("track_id", "ascending"), ("frame", "ascending")])
     bad = table.filter(failed)
+    counted = counted_crops(good["track_id"].to_numpy(zero_copy_only=False),
+                            good["frame"].to_numpy(zero_copy_only=False), good["norm"].to_numpy(),
+                            request.policy)
+    good = good.append_column("in_template", pa.array(counted))
+    rows = _with_pass_through(good, ROW_COLUMNS, request.pass_through)
+    templates = track_templates(good, counted, request.policy) if good.num_rows else None
     dirs = {name: partition(output, name, episode) for name in TABLES}
-    for loc in dirs.values():  # a crash mid-write of an earlier commit left these
+    for loc in dirs.values():  # a crash mid-write of an earlier attempt left these (one commit per episode)
         delete_files(output.fs, orphan_tmp_files(loc))
-    write_parquet_atomic(output.fs, dirs["embeddings"].join("part-0.parquet").path,
-                         good.select(list(ROW_COLUMNS)))
-    if good.num_rows:
-        write_parquet_atomic(output.fs, dirs["templates"].join("part-0.parquet").path, track_templates(good))
+    write_parquet_atomic(output.fs, dirs["embeddings"].join("part-0.parquet").path, rows)
+    if templates is not None:
+        write_parquet_atomic(output.fs, dirs["templates"].join("part-0.parquet").path, templates)
     if bad.num_rows:
         write_parquet_atomic(output.fs, dirs["errors"].join("part-0.parquet").path,
-                             bad.select(list(ERROR_COLUMNS)))
-    embedded = len(set(good["uid"].to_pylist()) - staged_before)
-    result = EpisodeResult(episode, good.num_rows, bad.num_rows, len(set(good["track_id"].to_pylist())),
-                           embedded)
+                             _with_pass_through(bad, ERROR_COLUMNS, request.pass_through))
+    _maybe_die(request.fault, episode)
+    earlier = pc.sum(pc.is_in(good["uid"], request.staged_before)).as_py() if good.num_rows else 0
+    embedded = good.num_rows - (earlier or 0)
+    result = EpisodeResult(episode, good.num_rows, bad.num_rows, len(pc.unique(good["track_id"])), embedded)
     manifest = {
         "episode_id": episode,
         "rows": result.rows,
         "errors": result.errors,
         "tracks": result.tracks,
-        "inputs": len(expected_uids),
+        "inputs": len(expected),
+        "embedded": result.embedded,
+        "templates": {"min_quality": request.policy.min_quality,
+                      "max_crops_per_track": request.policy.max_crops_per_track,
+                      "weighting": request.policy.weighting,
+                      "crops_used": int(counted.sum())},
         "engine": {
-            **engine,
-            "backends": sorted(set(table["backend"].to_pylist())),
-            "precisions": sorted(set(table["precision"].to_pylist())),
+            **request.engine,
+            "backends": sorted(pc.unique(table["backend"]).to_pylist()),
+            "precisions": sorted(pc.unique(table["precision"]).to_pylist()),
         },
-        "contract": next(iter(contracts)) if contracts else engine.get("contract"),
+        "contract": next(iter(contracts)) if contracts else request.engine.get("contract"),
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "job": job,
+        "job": request.job,
     }
     loc = success_path(output, episode)
     write_atomic(loc.fs, loc.path, json.dumps(manifest, indent=2).encode())
-    remove_staging(output, episode, files)
+    delete_staged(output, episode, files)
     logger.info("committed episode %s: %d rows, %d errors, %d tracks", episode, result.rows,
                 result.errors, result.tracks)
-    return result
+    return CommitOutcome(episode, result, store_fragments=_store_fragments(request, rows, templates))
+
+
+def _store_fragments(request: CommitRequest, rows: pa.Table, templates: pa.Table | None) -> bytes | None:
+    """The episode's Lance fragments when a store is on; None otherwise, or when writing them
+    failed: the job's end backfills the episode from its committed files."""
+    if request.store is None:
+        return None
+    from .lance_store import episode_fragments
+
+    try:
+        return episode_fragments(request.store, request.episode, rows, templates)
+    except Exception as exc:  # the episode is committed; the store catches up at the job's end
+        logger.warning("episode %s: Lance fragments not written (%s); backfilled at the end",
+                       request.episode, exc)
+        return None
+

@@ -8,6 +8,10 @@ decoding) and ``engines.check_landmarks``, so the same bytes and landmarks are r
 online and offline. Reads are bounded in bytes and in time (``safe_read``).
 
 ``reason`` is one of ``ROW_REASONS`` (README "Offline job" lists what each means).
+The job's stage is ``decode_table`` (Arrow in, Arrow out): the columns it consumes
+(``image``, ``path``, ``kps``) are read, every other column passes through untouched,
+Arrow type included (``columns.py``), and the crops leave as one tensor column built
+without a copy.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from engines import FACE_SIZE, ImageRejected, check_landmarks, decode_image, norm_crop
@@ -113,23 +118,10 @@ def _row_bytes(image: Any, path: Any, reader: _Reader) -> bytes:
     raise InputRefused("no_image", "row has neither image bytes nor a path")
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    filesystem: pafs.FileSystem | None = None,
-    base: str | None = None,
-    s3: dict[str, str | None] | None = None,
-    limits: DecodeLimits | None = None,
-) -> dict[str, np.ndarray]:
-    """``map_batches`` function (numpy format) of the decode/align stage.
-
-    ``s3`` (``endpoint_url``, ``region``) is how ``s3://`` paths inside a manifest
-    are reached: the same store settings as the job's input and output. ``limits``
-    default to those of ``config/episodes.yaml``'s defaults.
-    """
-    n = len(batch["uid"])
-    limits = limits or DecodeLimits.of(EpisodeJobSettings())
-    reader = _Reader(filesystem or pafs.LocalFileSystem(), base, s3, limits)
-    paths, images, kps = _column(batch, "path", n), _column(batch, "image", n), _column(batch, "kps", n)
+def _decode_rows(uids: np.ndarray, images: np.ndarray, paths: np.ndarray, kps: np.ndarray,
+                 reader: _Reader) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(crops, reasons, errors, sources) of rows given as object arrays (None where absent)."""
+    n = len(uids)
     crops = np.zeros((n, FACE_SIZE, FACE_SIZE, 3), np.uint8)
     reasons = np.full(n, "", dtype=object)
     errors = np.full(n, "", dtype=object)
@@ -142,9 +134,64 @@ def decode_batch(
             reasons[i], errors[i] = exc.reason, str(exc)
         except Exception as exc:  # a row never fails the job, whatever library raised
             kind = type(exc).__name__
-            logger.warning("row %s (%s): unexpected %s: %s", batch["uid"][i], sources[i], kind, exc)
-            logger.debug("row %s", batch["uid"][i], exc_info=True)
+            logger.warning("row %s (%s): unexpected %s: %s", uids[i], sources[i], kind, exc)
+            logger.debug("row %s", uids[i], exc_info=True)
             reasons[i], errors[i] = "decode_error", f"{kind}: {str(exc)[:300]}"
+    return crops, reasons, errors, sources
+
+
+def _reader(filesystem: pafs.FileSystem | None, base: str | None, s3: dict[str, str | None] | None,
+            limits: DecodeLimits | None) -> _Reader:
+    limits = limits or DecodeLimits.of(EpisodeJobSettings())
+    return _Reader(filesystem or pafs.LocalFileSystem(), base, s3, limits)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    filesystem: pafs.FileSystem | None = None,
+    base: str | None = None,
+    s3: dict[str, str | None] | None = None,
+    limits: DecodeLimits | None = None,
+) -> dict[str, np.ndarray]:
+    """The decode/align stage on a dict of numpy columns (the in-process reference's form).
+
+    ``s3`` (``endpoint_url``, ``region``) is how ``s3://`` paths inside a manifest
+    are reached: the same store settings as the job's input and output. ``limits``
+    default to those of ``config/episodes.yaml``'s defaults.
+    """
+    n = len(batch["uid"])
+    reader = _reader(filesystem, base, s3, limits)
+    crops, reasons, errors, sources = _decode_rows(
+        batch["uid"], _column(batch, "image", n), _column(batch, "path", n), _column(batch, "kps", n), reader)
     out = {name: np.asarray(batch[name], dtype=object) for name in PASS_THROUGH}
     out.update(source=sources, crop=crops, reason=reasons, error=errors)
+    return out
+
+
+def _objects(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, None, dtype=object)
+    return table[name].to_numpy(zero_copy_only=False)
+
+
+def decode_table(
+    table: pa.Table,
+    filesystem: pafs.FileSystem | None = None,
+    base: str | None = None,
+    s3: dict[str, str | None] | None = None,
+    limits: DecodeLimits | None = None,
+) -> pa.Table:
+    """``map_batches`` function (pyarrow format) of the decode/align stage: ``image``, ``path``
+    and ``kps`` are consumed; ``source``, ``crop`` (a tensor column), ``reason`` and ``error``
+    are added; every other column (ids, ``uid``, pass-through) is the input's, untouched."""
+    from ray.data.extensions import ArrowTensorArray
+
+    reader = _reader(filesystem, base, s3, limits)
+    columns = (_objects(table, c) for c in ("uid", "image", "path", "kps"))
+    crops, reasons, errors, sources = _decode_rows(*columns, reader)
+    out = table.drop_columns([c for c in ("image", "path", "kps") if c in table.column_names])
+    added = {"source": pa.array(sources, pa.string()), "crop": ArrowTensorArray.from_numpy(crops),
+             "reason": pa.array(reasons, pa.string()), "error": pa.array(errors, pa.string())}
+    for name, values in added.items():
+        out = out.append_column(name, values)
     return out

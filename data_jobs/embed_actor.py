@@ -5,6 +5,10 @@ resolved once, in ``__init__``, through the same fallback chain as the online
 service, so a GPU node runs TensorRT and a CPU node the CPU fast path, and each
 row records which backend embedded it. Rows whose decode failed are passed
 through with their reason and error and a zero embedding; only real crops reach the engine.
+Batches are Arrow tables: the crops reach the engine as the uint8 array the decode stage
+built (no copy when every row decoded, which is the common case), the vectors leave as a
+``fixed_size_list`` over the engine's own output buffer, and every other column (ids,
+pass-through) is passed on untouched.
 ``fault`` holds test hooks only: fault injection, and a trace of which node embedded what.
 """
 
@@ -17,8 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .staging import embedding_array
 
 logger = logging.getLogger(__name__)
+
 
 class EmbedActor:
     """``map_batches`` UDF: ``crop`` column in, ``embedding`` / ``norm`` / engine columns out."""
@@ -73,21 +82,30 @@ class EmbedActor:
         with self._record.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         self._maybe_die()
-        errors = batch["error"]
-        ok = np.array([not e for e in errors], dtype=bool)
-        n = len(errors)
-        embeddings = np.zeros((n, self.dim), np.float32)
-        norms = np.zeros(n, np.float32)
-        if ok.any():
-            emb, nrm = self.engine.encode_with_norms(batch["crop"][ok])
-            embeddings[ok], norms[ok] = emb, nrm
+        n = batch.num_rows
+        ok = pc.equal(batch["error"], "").to_numpy(zero_copy_only=False)
+        crops = _crops(batch["crop"])
+        if ok.all():
+            embeddings, norms = self.engine.encode_with_norms(crops)
+        else:
+            embeddings, norms = np.zeros((n, self.dim), np.float32), np.zeros(n, np.float32)
+            if ok.any():
+                embeddings[ok], norms[ok] = self.engine.encode_with_norms(crops[ok])
         self._batches += 1
         if self._record is not None:
-            self._record_batch(batch["uid"][ok])
-        out = {k: batch[k] for k in ("uid", "episode_id", "track_id", "frame", "source", "reason", "error")}
-        out.update(embedding=embeddings, norm=norms)
+            self._record_batch(batch["uid"].filter(pa.array(ok)).to_numpy(zero_copy_only=False))
+        out = batch.drop_columns(["crop"])
+        out = out.append_column("embedding", embedding_array(embeddings, self.dim))
+        out = out.append_column("norm", pa.array(np.ascontiguousarray(norms, np.float32)))
         for key, value in self.meta.items():
-            out[key] = np.full(n, value, dtype=object)
+            out = out.append_column(key, pa.array([value] * n, pa.string()))
         return out
+
+
+def _crops(column: pa.ChunkedArray) -> np.ndarray:
+    """The (N, 112, 112, 3) uint8 crops of Ray's tensor column: a view of one chunk, or one
+    concatenation where Ray joined several decode blocks into this batch."""
+    chunks = [chunk.to_numpy() for chunk in column.chunks]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)

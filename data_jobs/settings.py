@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,28 @@ class EpisodeJobSettings:
     # Wall-clock limit on reading one object from S3, seconds (an endpoint that stalls or
     # trickles): the row becomes a read_timeout error. 0: no limit.
     read_timeout_s: float = field(default=60.0, metadata={"min": 0.0})
+    # Templates (quality.py): a crop counts toward its track's template when its pre-normalisation
+    # norm is >= min_quality (0: every crop), and only the max_crops_per_track best of those by norm
+    # (0: no cap); template_weighting "norm" weights each counted crop by its norm, "uniform" not.
+    min_quality: float = field(default=0.0, metadata={"min": 0.0})
+    max_crops_per_track: int = field(default=0, metadata={"min": 0})
+    template_weighting: str = field(default="norm", metadata={"choices": ("norm", "uniform")})
+    # Episode commits: Ray tasks that start as soon as an episode's rows are all staged.
+    commit_num_cpus: float = field(default=0.25, metadata={"min": 0.0})
+    # Progress: the live line (tqdm on a terminal, else a log line) and <output>/progress.json,
+    # rewritten at most every progress_interval_s seconds and once more at the end.
+    progress_interval_s: float = field(default=10.0, metadata={"min": 0.1})
+    # Optional Lance vector store (lance_store.py): a local path or s3:// URI; null: Parquet only.
+    lance_uri: str | None = None
+    # ANN index built on the store's track templates when a job ends: IVF_FLAT (exact within the
+    # partitions probed), IVF_PQ or IVF_HNSW_SQ (compressed: use a refine_factor); partitions 0:
+    # about sqrt(tracks).
+    lance_index_type: str = field(default="IVF_FLAT",
+                                  metadata={"choices": ("IVF_FLAT", "IVF_PQ", "IVF_HNSW_SQ")})
+    lance_index_partitions: int = field(default=0, metadata={"min": 0})
+    # Store commits (fragment metadata only: vectors are written by the commit tasks) batch the
+    # episodes committed in this many seconds into one version of each table.
+    lance_commit_interval_s: float = field(default=5.0, metadata={"min": 0.0})
 
 
 def load_job_settings(path: str | Path | None = None, **overrides: Any) -> EpisodeJobSettings:
@@ -46,8 +68,8 @@ def load_job_settings(path: str | Path | None = None, **overrides: Any) -> Episo
     if set(raw) - {"episodes"}:
         raise ConfigError(f"{path}: expected a single top-level 'episodes' mapping")
     try:
-        settings = build_typed(EpisodeJobSettings, raw.get("episodes") or {}, "episodes")
-        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        merged = {**(raw.get("episodes") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        settings = build_typed(EpisodeJobSettings, merged, "episodes")
         if settings.actors_min > settings.actors_max:
             raise ConfigError(
                 f"episodes.actors_min ({settings.actors_min}) must be <= actors_max ({settings.actors_max})"

@@ -4,7 +4,9 @@
 (b) a Parquet file (or directory of them) with ``episode_id, track_id, frame``
     and, per row, ``image`` (encoded bytes) or ``path`` (local, ``s3://`` or
     relative to the manifest), plus optional ``kps`` (5x2 landmarks as 10
-    numbers): frames of any size are then aligned on the CPU stage.
+    numbers): frames of any size are then aligned on the CPU stage. Any other
+    column is carried to the output unchanged (``columns.py``); the index records
+    their schema, never their values, which the cluster reads.
 
 ``discover`` builds the *index*: one small row per expected face (``uid`` =
 ``episode/track/frame``), never the image bytes. The index is what resume
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 
 from engines import ConfigError
 
+from .columns import ColumnClash, pass_through_schema
 from .ids import ID_COLUMNS, SAFE_ID, SAFE_ID_RULE, is_safe_id, unsafe_ids
 from .safe_read import InputRefused, show_path, walk_local
 from .storage import Location, exists, is_dir, list_files
@@ -48,6 +51,8 @@ class InputIndex:
     table: pa.Table  # uid, episode_id, track_id, frame[, path][, kps] (+ manifest: row)
     has_inline_images: bool = False
     manifest_files: tuple[str, ...] = ()
+    # manifest columns carried to the output (their unified schema over every file)
+    pass_through: pa.Schema = field(default_factory=lambda: pa.schema([]))
 
     @property
     def episodes(self) -> list[str]:
@@ -184,10 +189,21 @@ def _check_ids(table: pa.Table, where: str) -> None:
         raise InputError(_unsafe_message(f"manifest {where}", "ids", [repr(e) for e in examples]))
 
 
-def _read_manifest(files: list[str], loc: Location) -> tuple[pa.Table, bool]:
+def _unify(schemas: list[pa.Schema], where: str) -> pa.Schema:
+    """One schema for the pass-through columns of every file: a column some files lack is null
+    in their rows; one whose types cannot be unified is refused."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"manifest {where}: the files disagree on a column's type: {str(exc)[:300]}"
+                         ) from None
+
+
+def _read_manifest(files: list[str], loc: Location) -> tuple[pa.Table, bool, pa.Schema]:
     """The index columns of every manifest file (ids as strings: integers in decimal), after
-    checking each file's columns and types; and whether any file has inline images."""
-    tables, inline = [], False
+    checking each file's columns and types; whether any file has inline images; and the
+    pass-through columns' schema."""
+    tables, inline, extra = [], False, []
     for f in files:
         schema = pq.read_schema(f, filesystem=loc.fs)
         names = set(schema.names)
@@ -197,6 +213,10 @@ def _read_manifest(files: list[str], loc: Location) -> tuple[pa.Table, bool]:
         if "image" not in names and "path" not in names:
             raise InputError(f"manifest {f} needs an 'image' (bytes) or a 'path' column")
         _check_types(schema, f)
+        try:
+            extra.append(pass_through_schema(schema))
+        except ColumnClash as exc:
+            raise InputError(f"manifest {f}: {exc}") from None
         inline = inline or "image" in names
         t = pq.read_table(f, columns=[*ID_COLUMNS, *(c for c in ("path", "kps") if c in names)],
                           filesystem=loc.fs)
@@ -204,7 +224,7 @@ def _read_manifest(files: list[str], loc: Location) -> tuple[pa.Table, bool]:
             if col in names:
                 t = t.set_column(t.schema.get_field_index(col), col, pc.cast(t[col], pa.string()))
         tables.append(t)
-    return pa.concat_tables(tables, promote_options="permissive"), inline
+    return pa.concat_tables(tables, promote_options="permissive"), inline, _unify(extra, loc.uri)
 
 
 def _discover_manifest(loc: Location) -> InputIndex:
@@ -212,7 +232,7 @@ def _discover_manifest(loc: Location) -> InputIndex:
     if not files:
         raise InputError(f"no .parquet manifest files under {loc.uri}")
     try:
-        table, inline = _read_manifest(files, loc)
+        table, inline, extra = _read_manifest(files, loc)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"manifest {loc.uri} cannot be read: {str(exc)[:300]}") from None
     if table.num_rows == 0:
@@ -223,7 +243,8 @@ def _discover_manifest(loc: Location) -> InputIndex:
     _check_ids(table, loc.uri)
     table = table.add_column(0, "uid", make_uid(table["episode_id"], table["track_id"], table["frame"]))
     _check_unique(table, loc.uri)
-    return InputIndex("manifest", loc, table, has_inline_images=inline, manifest_files=tuple(files))
+    return InputIndex("manifest", loc, table, has_inline_images=inline, manifest_files=tuple(files),
+                      pass_through=extra)
 
 
 def discover(loc: Location, extensions: tuple[str, ...] = ("jpg", "jpeg", "png")) -> InputIndex:

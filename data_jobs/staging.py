@@ -6,6 +6,8 @@ tasks) writes each block's rows, grouped by episode, to
 the uids it holds, so a write task Ray retries after a worker died rewrites
 the *same* file instead of adding a duplicate; each file appears atomically.
 After a crash, the staged uids are exactly the rows that need no recompute.
+Each write also tells the job's ``StagingTracker`` (``scheduler.py``) which episode
+it added rows to, so an episode is committed as soon as its rows are all staged.
 
 The job owns ``_staging/`` and nothing in it but files named ``STAGED_NAME`` (and
 ``write_atomic``'s temporary files): those are what it reads back, and all it ever
@@ -19,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,8 +80,9 @@ def normalize_rows(table: pa.Table) -> pa.Table:
 class StagingDatasink(Datasink):
     """Writes embedded rows to per-episode staging files (see module docstring)."""
 
-    def __init__(self, output: Location, fault: dict[str, Any] | None = None) -> None:
+    def __init__(self, output: Location, tracker: Any = None, fault: dict[str, Any] | None = None) -> None:
         self.output = output
+        self.tracker = tracker  # a StagingTracker actor handle, or None
         self.fault = fault or {}
 
     def get_name(self) -> str:
@@ -92,12 +96,27 @@ class StagingDatasink(Datasink):
                 continue
             table = normalize_rows(table)
             for episode in pc.unique(table["episode_id"]).to_pylist():
+                self._maybe_hold(episode)
                 part = table.filter(pc.equal(table["episode_id"], episode))
-                path = staging_dir(self.output, episode).join(staged_name(part["uid"].to_pylist())).path
-                write_parquet_atomic(self.output.fs, path, part.drop_columns(["episode_id"]))
+                name = staged_name(part["uid"].to_pylist())
+                write_parquet_atomic(self.output.fs, staging_dir(self.output, episode).join(name).path,
+                                     part.drop_columns(["episode_id"]))
                 written += part.num_rows
+                if self.tracker is not None:  # fire and forget: a lost report only delays a commit
+                    good = pc.sum(pc.equal(part["error"], "")).as_py() or 0
+                    self.tracker.staged.remote(episode, name, part.num_rows, good)
             self._maybe_crash_driver()
         return written
+
+    def _maybe_hold(self, episode: str) -> None:
+        """Test hook: hold one episode's rows until a marker file exists (at most ``hold_timeout_s``),
+        so a test can read the episodes before it, committed while the job still runs."""
+        held, marker = self.fault.get("hold_episode"), self.fault.get("release_marker")
+        if episode != held or not marker:
+            return
+        deadline = time.monotonic() + float(self.fault.get("hold_timeout_s", 300))
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _maybe_crash_driver(self) -> None:
         """Fault injection for tests: kill the job's driver once K staging files exist."""
@@ -162,11 +181,19 @@ def read_staged(output: Location, files: list[str]) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def remove_staging(output: Location, episode: str, files: list[str]) -> None:
-    """Delete the staging ``files`` of ``episode`` (the ones its commit read, or an already
-    committed episode's leftovers), the temporary files a crashed write left beside them,
-    then the directories if nothing else is in them."""
-    directory = staging_dir(output, episode)
-    delete_files(output.fs, [*files, *orphan_tmp_files(directory)])
-    remove_dir_if_empty(directory)
+def delete_staged(output: Location, episode: str, files: list[str]) -> None:
+    """Delete the staging ``files`` a commit of ``episode`` read, then its directories if nothing
+    else is in them. Temporary files are left alone: while the job runs, a duplicate write (a
+    retried task) may be in the middle of one; ``remove_staging`` takes them when none can be."""
+    delete_files(output.fs, files)
+    remove_dir_if_empty(staging_dir(output, episode))
     remove_dir_if_empty(output.join(STAGING_DIR))
+
+
+def remove_staging(output: Location, episode: str, files: list[str]) -> None:
+    """Delete the staging ``files`` of a committed ``episode`` (the leftovers of a commit cut short,
+    or a duplicate write that landed after the commit), the temporary files a crashed write left
+    beside them, then the directories if nothing else is in them. At the job's start and end only,
+    when no staging write is in flight."""
+    delete_files(output.fs, orphan_tmp_files(staging_dir(output, episode)))
+    delete_staged(output, episode, files)

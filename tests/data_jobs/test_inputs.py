@@ -78,6 +78,11 @@ def test_directory_index_uids_and_misplaced_files(sample, tmp_path, caplog):
         ({"episode_id": ["e"], "track_id": ["t"], "frame": ["1"], "path": pa.array([b"x"])}, "'path' is bin"),
         ({"episode_id": pa.array([], pa.string()), "track_id": pa.array([], pa.string()),
           "frame": pa.array([], pa.string()), "path": pa.array([], pa.string())}, "has no rows"),
+        # issue 14: a pass-through column named like one of the job's own output columns
+        ({"episode_id": ["e"], "track_id": ["t"], "frame": ["1"], "path": ["x"], "norm": [1.0]},
+         r"column\(s\) \['norm'\] would be overwritten"),
+        ({"episode_id": ["e"], "track_id": ["t"], "frame": ["1"], "path": ["x"], "embedding": [[1.0]],
+          "in_template": [True], "_distance": [0.5]}, r"\['_distance', 'embedding', 'in_template'\]"),
     ],
 )
 def test_bad_manifests_are_refused(tmp_path, columns, message):
@@ -85,6 +90,24 @@ def test_bad_manifests_are_refused(tmp_path, columns, message):
     pq.write_table(pa.table(columns), path)
     with pytest.raises(InputError, match=message):
         discover(locate(str(path)))
+
+
+def test_pass_through_columns_are_indexed_by_schema_and_unified_over_files(tmp_path):
+    """Every column the job does not consume is pass-through; the index keeps its type, not its
+    values; a column some files lack is null there; types the files disagree on are refused."""
+    ids = {"episode_id": ["e"], "track_id": ["t"], "frame": ["1"], "path": ["x.jpg"]}
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({**ids, "ts": pa.array([1], pa.timestamp("ms", tz="UTC")),
+                             "box": pa.array([[1.0, 2.0, 3.0, 4.0]], pa.list_(pa.float32(), 4))}),
+                   tmp_path / "m" / "a.parquet")
+    pq.write_table(pa.table({**ids, "frame": ["2"], "shot": ["s1"]}), tmp_path / "m" / "b.parquet")
+    index = discover(locate(str(tmp_path / "m")))
+    assert index.pass_through.names == ["ts", "box", "shot"]
+    assert index.pass_through.field("ts").type == pa.timestamp("ms", tz="UTC")
+    assert set(index.table.column_names) == {"uid", "episode_id", "track_id", "frame", "path"}
+    pq.write_table(pa.table({**ids, "frame": ["3"], "ts": ["not a time"]}), tmp_path / "m" / "c.parquet")
+    with pytest.raises(InputError, match="disagree on a column's type"):
+        discover(locate(str(tmp_path / "m")))
 
 
 def test_missing_and_empty_inputs(tmp_path):

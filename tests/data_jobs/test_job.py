@@ -175,6 +175,54 @@ def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sam
     assert not (Path(out) / "_staging").exists()
 
 
+def test_killed_commit_task_is_retried_and_commits_every_row_once(ray_local, sample, clean_run, tmp_path):
+    """The worker of an episode's commit task dies between its data files and its _SUCCESS: Ray
+    runs the task again, which rewrites the files and commits; every row once, clean vectors."""
+    out, marker = str(tmp_path / "out"), tmp_path / "commit-killed"
+    job = spec(sample.directory, out)
+    report = run_job(JobSpec(**{**job.__dict__, "fault": {"kill_commit_marker": str(marker)}}))
+    assert marker.exists(), "the fault was not injected: the test proves nothing"
+    assert (report.faces, report.failures, report.episodes_committed) == (sample.decodable, sample.corrupt, 2)
+    assert_exactly_once(read_rows(out), sample, vectors(read_rows(clean_run[0])))
+    assert not (Path(out) / "_staging").exists()
+    assert not list(Path(out).rglob("*.tmp"))
+
+
+def test_driver_killed_after_an_episode_committed_resumes_exactly_once_in_parquet_and_lance(
+        sample, clean_run, tmp_path):
+    """SIGKILL of the driver once the first episode is committed (the other still embedding, its
+    Lance append not made): the committed episode stays as it is, the resumed run embeds only the
+    rest, and both sinks hold every row once, with a clean run's vectors."""
+    import lancedb
+
+    out, store = tmp_path / "out", tmp_path / "store"
+    cmd = [sys.executable, "-m", "data_jobs.embed_episodes", "--input", sample.directory,
+           "--output", str(out), "--backend", "onnx", "--model", MODEL, "--batch-size", "4",
+           "--lance", str(store)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    crashed = subprocess.run([*cmd, "--inject-crash-driver-after-commits", "1"], capture_output=True,
+                             text=True, timeout=600, env=env)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    first = read_committed(str(out))
+    assert set(first["episode_id"].to_pylist()) == {"ep000"}, "the crash missed the first commit"
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["state"] == "running"  # a killed driver leaves the last running snapshot
+    committed_files = {k: v for k, v in snapshot(out).items() if "ep000" in k and "_staging" not in k}
+    done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # the commit of ep001 may have been under way, on a worker the driver's death does not stop
+    assert report["episodes_skipped"] + report["episodes_committed"] == 2
+    assert report["episodes_committed"] <= 1
+    assert {k: v for k, v in snapshot(out).items() if k in committed_files} == committed_files
+    reference = vectors(read_rows(clean_run[0]))
+    assert_exactly_once(read_rows(str(out)), sample, reference)
+    faces = lancedb.connect(str(store)).open_table("faces").to_arrow()
+    assert_exactly_once(faces, sample, reference)
+    assert lancedb.connect(str(store)).open_table("tracks").count_rows() == 6
+    assert json.loads((out / "progress.json").read_text())["state"] == "done"
+
+
 def test_crashed_driver_resumes_without_loss_or_duplicates(sample, clean_run, tmp_path):
     """SIGKILL of the driver mid-job, then: another model over its staging is refused (with the
     way out); the right one resumes, embeds only the missing rows (faces_per_s counts those),
@@ -241,12 +289,25 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_pa
     root = Path(sample.directory)
     for path in root.rglob("*.jpg"):
         s3.upload_file(str(path), "frames", f"episodes/{path.relative_to(root)}")
-    report = run_job(spec("s3://frames/episodes", "s3://frames/out"))
+    report = run_job(spec("s3://frames/episodes", "s3://frames/out", lance_uri="s3://frames/store"))
     assert report.faces == sample.decodable and report.failures == sample.corrupt
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="frames", Prefix="out/")["Contents"]]
-    assert "out/embeddings/episode_id=ep000/_SUCCESS" in keys
+    assert "out/embeddings/episode_id=ep000/_SUCCESS" in keys and "out/progress.json" in keys
     assert not [k for k in keys if k.startswith("out/_staging") or k.endswith(".tmp")], keys
-    assert_exactly_once(read_committed("s3://frames/out", endpoint_url=s3_endpoint), sample)
+    rows = read_committed("s3://frames/out", endpoint_url=s3_endpoint)
+    assert_exactly_once(rows, sample)
+    progress = json.loads(s3.get_object(Bucket="frames", Key="out/progress.json")["Body"].read())
+    assert progress["state"] == "done" and progress["episodes_committed"] == 2
+    # the Lance store on S3, read with lancedb through the same endpoint
+    import lancedb
+
+    from data_jobs.vector_store import lance_storage_options
+
+    db = lancedb.connect("s3://frames/store", storage_options=lance_storage_options("s3://frames/store",
+                                                                                     s3_endpoint, None))
+    faces = db.open_table("faces").to_arrow()
+    assert_exactly_once(faces, sample, vectors(rows))
+    assert db.open_table("tracks").count_rows() == 6 and report.lance["tracks_indexed"] == 6
 
     # a local manifest whose rows point into the bucket: reached through the same endpoint
     files = sorted(root.rglob("*.jpg"))
@@ -300,6 +361,10 @@ def test_bad_job_input_exits_2_with_a_message(sample, tmp_path):
         (["--input", _manifest(tmp_path / "text.parquet", episode_id=["e"], image=["not bytes"], **ids)],
          "column 'image' is string"),
         (["--input", str(non_utf8)], "ep000/track\\xff/00000.jpg"),
+        (["--input", _manifest(tmp_path / "clash.parquet", episode_id=["e"], path=["x"], backend=["b"],
+                               **ids)],
+         "['backend'] would be overwritten by the job's own output columns"),
+        (["--input", sample.directory, "--min-quality", "-1"], "episodes.min_quality: must be >= 0.0"),
         (["--input", str(linked)], "are the same directory"),
         (["--input", sample.directory, "--output", str(a_file)], "exists and is not a directory"),
     ]
