@@ -49,6 +49,7 @@ class Admission:
         self._rates: deque[float] = deque(maxlen=RATE_WINDOW)  # faces/s of recent batches
         self.rejected = 0
         self.expired = 0
+        self.start_waits: deque[float] = deque(maxlen=1000)  # s from admission to first batch, recent
         self._lock = threading.Lock()
 
     @property
@@ -101,7 +102,9 @@ class Admission:
                 if ticket.expired:
                     keep.append(False)
                     continue
-                ticket.started = True
+                if not ticket.started:
+                    ticket.started = True
+                    self.start_waits.append(now - ticket.queued_at)
                 keep.append(True)
         return keep
 
@@ -129,4 +132,5 @@ class Admission:
             "max_pending_faces": self.max_pending_faces,
             "rejected_overloaded": self.rejected,
             "dropped_queue_timeout": self.expired,
+            "max_start_wait_s": max(self.start_waits) if self.start_waits else None,  # recent requests
         }

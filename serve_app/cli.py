@@ -21,11 +21,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import launch
 
     config = launch.load_serve_config(
-        args.config, http_port=args.http_port, grpc_port=args.grpc_port, http_host=args.host
+        args.config, http_port=args.http_port, grpc_port=args.grpc_port, http_host=args.host,
+        grpc=args.grpc,
     )
     endpoints = launch.start(config, address=args.address, include_dashboard=args.dashboard)
     print(f"serving {', '.join(endpoints.applications)}: HTTP {endpoints.http} "
           f"(docs {endpoints.http}/docs), gRPC {endpoints.grpc or 'off'}", flush=True)
+    for line in launch.exposure(config, local=args.address is None):
+        print(line, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -96,7 +99,10 @@ def cmd_bench_overload(args: argparse.Namespace) -> int:
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="Serve deploy config (default config/serve.yaml)")
     p.add_argument("--address", help="connect to this Ray cluster instead of starting one")
-    p.add_argument("--host", help="override http_options.host")
+    p.add_argument("--host", help="override http_options.host (the config binds 127.0.0.1; 0.0.0.0: every "
+                                  "interface, with require_auth)")
+    p.add_argument("--no-grpc", dest="grpc", action="store_false",
+                   help="no gRPC server (Serve binds gRPC on every interface, whatever --host)")
     p.add_argument("--http-port", type=int, help="override http_options.port")
     p.add_argument("--grpc-port", type=int, help="override grpc_options.port")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (for serve deploy)")

@@ -137,9 +137,9 @@ def install_http_handlers(app) -> None:
     app.add_middleware(CatchAllMiddleware)
 
 
-class CatchAllMiddleware:
-    """Pure ASGI: an exception that escapes the app becomes a 500 ``internal`` in our shape
-    (the traceback goes to the replica log under an error id, never to the client)."""
+class HttpMiddleware:
+    """A pure ASGI middleware that acts on HTTP requests only (websocket and lifespan scopes
+    pass straight through): subclasses implement ``handle``."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -148,6 +148,17 @@ class CatchAllMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send) -> None:
+        raise NotImplementedError
+
+
+class CatchAllMiddleware(HttpMiddleware):
+    """An exception that escapes the app becomes a 500 ``internal`` in our shape (the
+    traceback goes to the replica log under an error id, never to the client)."""
+
+    async def handle(self, scope, receive, send) -> None:
         started = False
 
         async def tracking_send(message) -> None:

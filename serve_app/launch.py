@@ -54,6 +54,38 @@ def controller_options(config) -> dict[str, Any]:
     return {**given, "runtime_env": runtime_env}
 
 
+def check_auth_ready(config) -> None:
+    """For a service started here, whose replicas inherit this environment: an application with
+    ``require_auth`` and no token fails now, with the replica's own message, instead of after
+    Ray and Serve started and the replica failed to construct."""
+    from .settings import TokenAuth, parse_settings
+
+    for app in config.applications:
+        try:
+            TokenAuth.from_settings(parse_settings(app.args))
+        except ConfigError as exc:
+            raise ConfigError(f"application {app.name!r}: {exc}") from None
+
+
+def exposure(config, local: bool) -> list[str]:
+    """What this service exposes, in plain words (``arcface serve`` prints it at start)."""
+    from .settings import TokenAuth, parse_settings
+
+    lines = []
+    host = config.http_options.host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        lines.append(f"HTTP listens on {host}:{config.http_options.port}: reachable from other hosts")
+    if config.grpc_options.grpc_servicer_functions:
+        lines.append(f"gRPC listens on every interface ([::]:{config.grpc_options.port}; Serve has no gRPC "
+                     "host option): use --no-grpc if you do not need it")
+    for app in config.applications if local else ():
+        settings = parse_settings(app.args)
+        if not TokenAuth.from_settings(settings).enabled:
+            lines.append(f"application {app.name!r}: auth is OFF (no ${settings.auth_token_env}, no "
+                         "auth_token_file): anyone who reaches a port above can use it")
+    return lines
+
+
 def check_ports_free(config) -> None:
     """Fail with a clear message when the HTTP or gRPC port is taken. Serve's proxy binds with
     SO_REUSEPORT: on a taken port a second service would start and the kernel would split
@@ -100,9 +132,9 @@ class Endpoints:
 def load_serve_config(path: str | Path | None = None, **overrides: Any):
     """Parse and validate a Serve deploy config (``ServeDeploySchema``).
 
-    ``overrides``: ``http_port``, ``grpc_port``, ``http_host``, ``app_args`` (merged
-    into every application's ``args``), ``deployment`` (merged into every
-    deployment's options).
+    ``overrides``: ``http_port``, ``grpc_port``, ``http_host``, ``grpc`` (False: no gRPC
+    server), ``app_args`` (merged into every application's ``args``), ``deployment``
+    (merged into every deployment's options).
     """
     from ray.serve.schema import ServeDeploySchema
 
@@ -114,6 +146,8 @@ def load_serve_config(path: str | Path | None = None, **overrides: Any):
         raw.setdefault("http_options", {})["host"] = overrides["http_host"]
     if overrides.get("grpc_port") is not None:
         raw.setdefault("grpc_options", {})["port"] = overrides["grpc_port"]
+    if overrides.get("grpc") is False:
+        raw.setdefault("grpc_options", {})["grpc_servicer_functions"] = []
     for app in raw.get("applications") or []:
         if overrides.get("app_args"):
             app["args"] = {**(app.get("args") or {}), **overrides["app_args"]}
@@ -139,6 +173,7 @@ def start(config, address: str | None = None, num_cpus: int | None = None,
         if address:
             ray.init(address=address, namespace="serve", log_to_driver=log_to_driver)
         else:
+            check_auth_ready(config)
             check_ports_free(config)  # a new local Serve binds them; a cluster's may hold them already
             ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, namespace="serve",
                      object_store_memory=256 << 20, log_to_driver=log_to_driver)

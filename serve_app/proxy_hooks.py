@@ -25,7 +25,14 @@ from __future__ import annotations
 
 import logging
 
-from .errors import DEFAULT_RETRY_AFTER_S, REASONS, is_our_grpc_details, safe_text, send_error
+from .errors import (
+    DEFAULT_RETRY_AFTER_S,
+    REASONS,
+    HttpMiddleware,
+    is_our_grpc_details,
+    safe_text,
+    send_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +75,10 @@ def _classify(status: int, text: str) -> tuple[int, str, str]:
     return status, reason, text or "request refused"
 
 
-class ServeErrorShape:
-    """Pure ASGI middleware around Serve's proxy app (see the module docstring)."""
+class ServeErrorShape(HttpMiddleware):
+    """Around Serve's proxy app: Serve's own error answers in our shape (see the module doc)."""
 
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         started = False
         held: dict | None = None  # a plain-text error being collected for rewriting
 

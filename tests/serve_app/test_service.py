@@ -556,7 +556,14 @@ def test_bearer_token_auth(serve_endpoints, tmp_path_factory, stub, faces):
     right = requests.post(url, data=body, timeout=60,
                           headers={**headers, "authorization": "Bearer correct horse battery staple"})
     assert right.status_code == 200
-    assert requests.get(serve_endpoints.http + "/secure/healthz", timeout=30).status_code == 200
+    anonymous = requests.get(serve_endpoints.http + "/secure/healthz", timeout=30)
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}  # liveness, nothing more
+    known = requests.get(serve_endpoints.http + "/secure/healthz", timeout=30,
+                         headers={"authorization": "Bearer correct horse battery staple"}).json()
+    assert known["status"] == "ok" and known["backend"] == "onnx" and "contract" in known
+    assert requests.get(serve_endpoints.http + "/secure/v1/info", timeout=30).status_code == 401
+    health = stub.Health(pb.HealthRequest(), timeout=30, metadata=(("application", "secure"),))
+    assert health.status == "ok" and health.backend == "" and health.contract == ""
     with pytest.raises(grpc.RpcError) as info:
         stub.EmbedBatch(pb.EmbedBatchRequest(crops=faces[:1].tobytes()), timeout=30,
                         metadata=(("application", "secure"),))
@@ -564,6 +571,70 @@ def test_bearer_token_auth(serve_endpoints, tmp_path_factory, stub, faces):
     ok = stub.EmbedBatch(pb.EmbedBatchRequest(crops=faces[:1].tobytes()), timeout=30, metadata=(
         ("application", "secure"), ("authorization", "Bearer correct horse battery staple")))
     assert len(ok.embeddings) == 1
+
+
+def _post(url: str, **kwargs) -> tuple[requests.Response, float]:
+    started = time.perf_counter()
+    resp = requests.post(url, timeout=120, **kwargs)
+    return resp, time.perf_counter() - started
+
+
+def assert_retryable_503(resp: requests.Response, reasons: tuple[str, ...]) -> None:
+    assert resp.status_code == 503 and resp.headers["content-type"] == "application/json", resp.text
+    assert resp.json()["error"]["reason"] in reasons, resp.text
+    assert int(resp.headers["retry-after"]) >= 1
+    assert_no_leak(resp.text)
+
+
+def test_heavy_requests_do_not_starve_an_unrelated_one(serve_endpoints):
+    """Two requests of 12 real 6000x6000 decodes each (admitted here: the per-request budget is
+    raised) hold both decode threads for seconds; a one-image request sent after them takes its
+    turn between their images instead of waiting for one of them to finish."""
+    deploy("fair", {"max_request_megapixels": 1000, "max_queue_wait_s": 60, "decode_threads": 2})
+    url = serve_endpoints.http + "/fair/v1/embed"
+    heavy = {"json": {"images": [_b64_raw(hostile.flat_png())] * 12, "landmarks": [_KPS] * 12}}
+    with ThreadPoolExecutor(3) as pool:
+        heavies = [pool.submit(_post, url, **heavy) for _ in range(2)]
+        time.sleep(0.5)  # both are decoding
+        light, light_s = pool.submit(_post, url, json={"images": [_b64(_PHOTO.crop)]}).result()
+        done = [f.result() for f in heavies]
+    assert light.status_code == 200 and all(r.status_code == 200 for r, _ in done), light.text
+    # fair turns: it waited for at most the two images running and one more of each (about a
+    # 6th of a heavy request); first come, first served it would wait for a whole heavy request
+    assert light_s < 0.5 * min(s for _, s in done), (light_s, [s for _, s in done])
+
+
+def test_the_replica_queue_is_bounded_in_time(serve_endpoints, faces):
+    """Far more work than the replica can start within max_queue_wait_s: the rest get 503 at
+    once (our shape, Retry-After), and no admitted request waited longer than the bound."""
+    deploy("bounded", {"max_queue_wait_s": 0.3})
+    url = serve_endpoints.http + "/bounded"
+    heavy = encode_npy(np.repeat(faces, 13, axis=0)[:256])
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda _: _post(url + "/v1/embed", data=heavy,
+                                                headers={"content-type": NPY_MEDIA_TYPE}), range(48)))
+    codes = [r.status_code for r, _ in results]
+    assert 503 in codes and 200 in codes, codes
+    for resp, _ in results:
+        if resp.status_code == 503:
+            assert_retryable_503(resp, ("overloaded", "queue_timeout"))
+    admission = requests.get(url + "/v1/info", timeout=30).json()["service"]["admission"]
+    assert admission["max_start_wait_s"] <= 0.3, admission
+    assert admission["rejected_overloaded"] + admission["dropped_queue_timeout"] == codes.count(503)
+    ok = requests.post(url + "/v1/embed", data=encode_npy(faces[:2]),
+                       headers={"content-type": NPY_MEDIA_TYPE}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_require_auth_without_a_token_refuses_to_start(serve_endpoints):
+    from ray import serve
+
+    with pytest.raises(RuntimeError, match="Deploying application open failed"):
+        deploy("open", {"require_auth": True, "auth_token_env": "ARCFACE_TEST_UNSET_TOKEN"},
+               max_constructor_retry_count=1)
+    status = serve.status().applications["open"].deployments["EmbeddingDeployment"]
+    assert "require_auth is true but there is no token" in status.message, status.message
+    serve.delete("open")
 
 
 def test_overload_gets_503_quickly_and_the_service_recovers(serve_endpoints, faces):
@@ -577,13 +648,16 @@ def test_overload_gets_503_quickly_and_the_service_recovers(serve_endpoints, fac
         started = time.perf_counter()
         resp = requests.post(url + "/v1/embed", data=heavy, headers={"content-type": NPY_MEDIA_TYPE},
                              timeout=120)
-        return resp.status_code, time.perf_counter() - started
+        return resp.status_code, time.perf_counter() - started, resp
 
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(one, range(12)))
-    codes = [c for c, _ in results]
+    codes = [c for c, _, _ in results]
     assert 503 in codes and 200 in codes, codes
-    assert max(t for c, t in results if c == 503) < min(t for c, t in results if c == 200) + 1.0
+    assert max(t for c, t, _ in results if c == 503) < min(t for c, t, _ in results if c == 200) + 1.0
+    for code, _, resp in results:  # Serve's proxy refused these: still our shape, with Retry-After
+        if code == 503:
+            assert_retryable_503(resp, ("overloaded",))
     ok = requests.post(url + "/v1/embed", data=encode_npy(faces[:2]),
                        headers={"content-type": NPY_MEDIA_TYPE}, timeout=60)
     assert ok.status_code == 200
