@@ -64,11 +64,11 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Service:
     """`arcface serve` on free ports: one replica of the mobilefacenet engine, a queue wait long
-    enough that every request sent here is admitted (they must be in flight when the kill comes)."""
+    enough that requests sent here are admitted (they must be in flight when the kill comes) but
+    bounded (after a proxy kill the replica still runs what it admitted: up to that much work)."""
     config = yaml.safe_load(DEFAULT_SERVE_CONFIG.read_text())
     app = config["applications"][0]
-    app["args"].update({"model": "synthetic:mobilefacenet", "backend": "onnx", "max_queue_wait_s": 60,
-                        "max_pending_faces": 100_000})
+    app["args"].update({"model": "synthetic:mobilefacenet", "backend": "onnx", "max_queue_wait_s": 5})
     dep = app["deployments"][0]
     dep.pop("autoscaling_config")
     dep.update({"num_replicas": 1, "health_check_period_s": 2})
@@ -158,19 +158,21 @@ def test_kill_9_of_the_replica_answers_its_requests_503_and_recovers(service, fa
     recovery = _recovery_s(service, killed_at, faces)
     codes = [code for code, _ in answers]
     assert set(codes) <= {200, 503}, codes  # never a 500, never a dropped connection
-    assert 503 in codes, f"nothing was in flight when the replica died: {codes}"
+    reasons = [resp.json()["error"]["reason"] for code, resp in answers if code == 503]
+    assert "replica_unavailable" in reasons, f"nothing was in flight when the replica died: {reasons}"
     for code, resp in answers:
-        if code == 503:
+        if code == 503:  # in flight on the dead replica, or refused at admission before the kill
             assert resp.headers["content-type"] == "application/json"
             assert int(resp.headers["retry-after"]) >= 1
-            assert resp.json()["error"]["reason"] == "replica_unavailable", resp.text
+            assert resp.json()["error"]["reason"] in ("replica_unavailable", "overloaded"), resp.text
             for leak in ("Traceback", "pid", "ray::", "RayActorError", ".py"):
                 assert leak not in resp.text
     assert rpc[0] in ("OK", "UNAVAILABLE"), rpc
     if rpc[0] == "UNAVAILABLE":
         assert rpc[1].startswith(("replica_unavailable: ", "unavailable: ")), rpc
-    RESULTS["replica"] = {"in_flight": dict(Counter(str(c) for c in codes)), "grpc_in_flight": rpc[0],
-                          "recovery_s": round(recovery, 1)}
+    outcomes = Counter(f"{c} {r.json()['error']['reason']}" if c == 503 else str(c) for c, r in answers)
+    RESULTS["replica"] = {"in_flight": dict(outcomes),
+                          "grpc_in_flight": rpc[0], "recovery_s": round(recovery, 1)}
     print(f"\nkill -9 replica: in flight {RESULTS['replica']['in_flight']}, gRPC {rpc[0]}, "
           f"answering again after {recovery:.1f} s")
     new_pid = requests.get(service.http + "/v1/info", timeout=30).json()["service"]["pid"]

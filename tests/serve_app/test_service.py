@@ -28,7 +28,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def main_url(serve_endpoints):
-    deploy("main", user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05})
+    # max_queue_wait_s: concurrent requests here must all be served on a slow or busy machine
+    # (the time bound has tests of its own, on their own applications)
+    deploy("main", {"max_queue_wait_s": 30}, user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05})
     return serve_endpoints.http + "/main"
 
 
