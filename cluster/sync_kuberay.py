@@ -35,12 +35,18 @@ RAYSERVICE = REPO / "cluster" / "kuberay" / "rayservice.yaml"
 CLUSTER_OVERRIDES: dict[str, Any] = {"http_options": {"host": "0.0.0.0"}}
 # ... and in every application's args: no token, no start (README "Security"). The token file
 # is mounted on every node: file_mounts in aws-gpu.yaml, a Secret volume in rayservice.yaml.
-APP_OVERRIDES: dict[str, Any] = {"require_auth": True, "auth_token_file": "~/.arcface/serve_token"}
+# A GPU answers an idle request in tens of ms and a full batch in about 10 ms: a queue bound
+# of 0.1 s keeps accepted requests within a few times that under overload (0.5 s, sized for
+# CPU replicas, would allow 15x), and 512 requests per replica let them reach the replica's
+# own admission (which then holds about 0.1 s of work) instead of the proxy's queue.
+APP_OVERRIDES: dict[str, Any] = {"require_auth": True, "auth_token_file": "~/.arcface/serve_token",
+                                 "max_queue_wait_s": 0.1}
 # What differs on a GPU cluster, per deployment name (merged into config/serve.yaml's options).
 GPU_OVERRIDES: dict[str, dict[str, Any]] = {
     "EmbeddingDeployment": {
         "ray_actor_options": {"num_gpus": 1},  # one replica per GPU (0.5: two per GPU)
         "autoscaling_config": {"max_replicas": 8},  # = the GPU worker group's maxReplicas
+        "max_ongoing_requests": 512,
     },
 }
 

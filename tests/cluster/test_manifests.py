@@ -217,7 +217,10 @@ def test_rayservice_serves_the_application_of_config_serve_yaml():
     # the same application; a GPU cluster differs in exactly these settings: reachable from the
     # network, so auth is required (the token file every node mounts), and a GPU per replica
     assert changed == {f"{dep}.ray_actor_options.num_gpus", f"{dep}.autoscaling_config.max_replicas",
-                       "http_options.host", f"{args}.require_auth", f"{args}.auth_token_file"}
+                       "http_options.host", f"{args}.require_auth", f"{args}.auth_token_file",
+                       # sized for a GPU's speed: a tighter queue bound, more requests reaching it
+                       f"{args}.max_queue_wait_s", f"{dep}.max_ongoing_requests"}
+    assert gpu[f"{args}.max_queue_wait_s"] < local[f"{args}.max_queue_wait_s"]
     assert gpu["http_options.host"] == "0.0.0.0" and local["http_options.host"] == "127.0.0.1"
     assert gpu[f"{args}.require_auth"] is True and local[f"{args}.require_auth"] is False
     assert gpu[f"{dep}.ray_actor_options.num_gpus"] == 1
