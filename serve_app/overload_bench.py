@@ -222,6 +222,7 @@ def _point(factor: float, repeat: int, rate: float, seconds: float, answers: lis
 
 async def _run(plan: OverloadPlan) -> dict[str, Any]:
     import aiohttp
+    from tqdm import tqdm
 
     timeout = aiohttp.ClientTimeout(total=plan.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=plan.clients + 8)
@@ -251,19 +252,19 @@ async def _run(plan: OverloadPlan) -> dict[str, Any]:
         rng = random.Random(plan.seed)
         threshold_s = plan.recovered_factor * unloaded["p99_ms"] / 1e3
         points = []
-        for repeat in range(plan.repeat):
-            for factor in plan.factors:
-                await asyncio.sleep(plan.settle_s)
-                rate = factor * capacity_rps
-                answers, limited, stopped, pending = await _open_loop(
-                    client, rate, plan.duration_s, plan.clients, rng)
-                recovery_s = await _recovery(client, stopped, threshold_s, plan.recovery_timeout_s)
-                if pending:  # bounded: each request has the client timeout
-                    await asyncio.wait(pending, timeout=plan.request_timeout_s + 5)
-                point = _point(factor, repeat, rate, plan.duration_s, answers, limited,
-                               unloaded["p99_ms"], recovery_s)
-                logger.info("x%g #%d: %s", factor, repeat, point)
-                points.append(point)
+        schedule = [(repeat, factor) for repeat in range(plan.repeat) for factor in plan.factors]
+        for repeat, factor in tqdm(schedule, desc="overload points", unit="point"):
+            await asyncio.sleep(plan.settle_s)
+            rate = factor * capacity_rps
+            answers, limited, stopped, pending = await _open_loop(
+                client, rate, plan.duration_s, plan.clients, rng)
+            recovery_s = await _recovery(client, stopped, threshold_s, plan.recovery_timeout_s)
+            if pending:  # bounded: each request has the client timeout
+                await asyncio.wait(pending, timeout=plan.request_timeout_s + 5)
+            point = _point(factor, repeat, rate, plan.duration_s, answers, limited,
+                           unloaded["p99_ms"], recovery_s)
+            logger.info("x%g #%d: %s", factor, repeat, point)
+            points.append(point)
     return {"unloaded": unloaded, "capacity": capacity, "points": points}
 
 

@@ -119,3 +119,28 @@ def test_bench_serve_starts_the_service_from_config_and_measures_it():
     assert out["latency_ms_p99"] >= out["latency_ms_p50"] > 0
     assert out["observed_mean_batch_faces"] >= 2
     assert out["inprocess_fps"] > 0 and out["ratio_to_inprocess"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_overload_measures_503s_latency_and_recovery():
+    env = {**os.environ, "ARCFACE_MODEL": "synthetic:mobilefacenet", "ARCFACE_BACKEND": "onnx"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "engines", "bench-overload", "--start", "--replicas", "1",
+         "--http-port", str(free_port()), "--factors", "2,4", "--duration", "2", "--repeat", "2",
+         "--calibrate", "2", "--capacity-clients", "8", "--recovery-timeout", "30", "--json"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["unloaded"]["p99_ms"] >= out["unloaded"]["p50_ms"] > 0
+    assert out["capacity"]["requests_per_s"] > 0 and not out["capacity"]["given"]
+    assert [(p["factor"], p["repeat"]) for p in out["points"]] == [(2, 0), (4, 0), (2, 1), (4, 1)]
+    for point in out["points"]:
+        assert point["sent"] > 0 and point["offered_rps"] == pytest.approx(
+            point["factor"] * out["capacity"]["requests_per_s"])
+        assert 0 <= point["rate_503"] <= 1 and sum(point["statuses"].values()) == point["sent"]
+        assert point["errors_not_our_shape"] == 0 and point["rejections_without_retry_after"] == 0
+        assert point["recovery_s"] is not None
+    assert set(out["summary"]) == {"x2", "x4"} and out["summary"]["x2"]["rate_503"]["missing"] == 0
+    assert out["engine"]["backend"] == "onnx" and out["cpu"]
