@@ -179,11 +179,13 @@ class CatchAllMiddleware(HttpMiddleware):
 
 
 async def send_error(send, status: int, reason: str, message: str,
-                     retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> None:
-    """Send a complete error response through a raw ASGI ``send``."""
+                     retry_after_s: float = DEFAULT_RETRY_AFTER_S,
+                     extra: dict[str, str] | None = None) -> None:
+    """Send a complete error response through a raw ASGI ``send`` (``extra``: more headers)."""
     body = error_body(status, reason, message)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(status, retry_after_s).items()]
+    more = {**error_headers(status, retry_after_s), **(extra or {})}
+    headers += [(k.lower().encode(), v.encode()) for k, v in more.items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -4,9 +4,9 @@ One run against one service, in phases:
 
 1. **unloaded**: requests one at a time for ``unloaded_s``: the latency p50/p99 of an idle
    service, the baseline accepted requests under overload are compared with;
-2. **capacity**: a closed loop of ``capacity_clients`` clients for ``calibrate_s``: the
-   requests/s the service completes when saturated (or ``capacity_rps`` as given, to offer
-   the same absolute load to two versions of a service);
+2. **capacity**: a closed loop of ``capacity_clients`` clients for ``calibrate_s`` (told 503,
+   a client waits ``Retry-After``): the requests/s the service completes when saturated (or
+   ``capacity_rps`` as given, to offer the same absolute load to two versions of a service);
 3. for each ``factor`` (2, 5, 10 by default), ``repeat`` times: **open-loop** arrivals (Poisson,
    seeded) at ``factor`` x capacity for ``duration_s``. Arrivals do not wait for earlier
    answers, as a population of independent clients does not; at most ``clients`` requests are
@@ -66,6 +66,7 @@ class Answer:
     latency_s: float
     our_shape: bool = True  # errors: body is {"error": {"status", "reason", "message"}}
     retry_after: bool = True  # 503: carries Retry-After
+    retry_after_s: float = 1.0  # its value (what a well-behaved client waits)
 
 
 @dataclass
@@ -120,6 +121,8 @@ class _Client:
                 if resp.status != 200:
                     answer.our_shape = _is_error_shape(payload, resp.headers.get("content-type", ""))
                     answer.retry_after = resp.status != 503 or "retry-after" in resp.headers
+                    value = resp.headers.get("retry-after", "")
+                    answer.retry_after_s = float(value) if value.isdigit() else 1.0
                 return answer
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return Answer(type(exc).__name__, time.perf_counter() - started, our_shape=False)
@@ -145,13 +148,18 @@ async def _sequential(client: _Client, seconds: float) -> list[Answer]:
 
 
 async def _closed_loop(client: _Client, clients: int, seconds: float) -> tuple[list[Answer], float]:
+    """Clients that send back to back and, told 503, wait ``Retry-After`` (capped by the end),
+    as a well-behaved client does: a saturated service, not a storm of refusals."""
     answers: list[Answer] = []
     started = time.perf_counter()
     end = started + seconds
 
     async def worker() -> None:
         while time.perf_counter() < end:
-            answers.append(await client.send())
+            answer = await client.send()
+            answers.append(answer)
+            if answer.status == "503":
+                await asyncio.sleep(max(0.0, min(answer.retry_after_s, end - time.perf_counter())))
 
     await asyncio.gather(*(worker() for _ in range(clients)))
     return answers, time.perf_counter() - started

@@ -1,7 +1,8 @@
 """Code that runs inside Ray Serve's proxy, where a request may be answered without reaching
 a replica: the service's error shape there too (see ``errors``).
 
-Two hooks, both loaded by the proxy process itself:
+Two hooks, both loaded by the proxy process itself (plus ``LoadShedding``, which refuses the
+bulk of an overload here before it costs a replica anything: ``shedding``):
 
 - ``http_middlewares``: the callback Serve calls when ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
   names it (set through ``controller_options`` in ``config/serve.yaml``; proxies inherit the
@@ -33,6 +34,7 @@ from .errors import (
     safe_text,
     send_error,
 )
+from .shedding import AdaptiveThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +44,11 @@ _MAX_ERROR_BODY = 64 << 10
 
 
 def http_middlewares() -> list:
-    """``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` callback: the proxy's extra middlewares."""
+    """``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` callback: the proxy's extra middlewares
+    (the last wraps the others: load shedding first, and it sees the rewritten statuses)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(ServeErrorShape)]
+    return [Middleware(ServeErrorShape), Middleware(LoadShedding)]
 
 
 def _header(headers, name: bytes) -> bytes:
@@ -111,6 +114,42 @@ class ServeErrorShape(HttpMiddleware):
             logger.exception("proxy error on %s %s", scope.get("method"), scope.get("path"))
         if not started:  # Serve answered nothing: its replica died or the request failed in Ray
             await send_error(send, *_classify(500, "")[:3])
+
+
+class LoadShedding(HttpMiddleware):
+    """Refuse in the proxy, cheaply, the part of an overload the replicas would refuse anyway
+    (``shedding.AdaptiveThrottle``). A shed request is a 503 ``overloaded`` in our shape with
+    ``Retry-After`` and ``x-arcface-shed: proxy``."""
+
+    def __init__(self, app, throttle: AdaptiveThrottle | None = None) -> None:
+        super().__init__(app)
+        self.throttle = throttle or AdaptiveThrottle.from_env()
+
+    async def handle(self, scope, receive, send) -> None:
+        if scope.get("method") != "POST" or not self.throttle.enabled:
+            await self.app(scope, receive, send)
+            return
+        route = scope.get("path", "")
+        if not self.throttle.admit(route):
+            p = self.throttle.shed_probability(route)
+            await send_error(send, 503, "overloaded",
+                             f"the service is shedding load: its replicas refused most recent requests "
+                             f"for capacity (this proxy now refuses {p:.0%} of them itself); retry later",
+                             extra={"x-arcface-shed": "proxy"})
+            return
+        status = None
+
+        async def watching_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        finally:
+            if status is not None:
+                self.throttle.record(route, status)
 
 
 # -- gRPC -------------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 
 import pytest
 
 from serve_app.errors import REASONS, CatchAllMiddleware, RequestError, error_headers, safe_text
-from serve_app.proxy_hooks import ServeErrorShape
+from serve_app.proxy_hooks import LoadShedding, ServeErrorShape
+from serve_app.shedding import AdaptiveThrottle
 
 
 def _run(middleware_cls, inner) -> list[dict]:
@@ -110,3 +112,67 @@ def test_every_reason_has_its_status_and_503s_say_when_to_retry():
     assert set(REASONS.values()) <= {400, 401, 404, 405, 408, 409, 413, 415, 422, 500, 503}
     assert error_headers(503, 2.2) == {"Retry-After": "3"}
     assert error_headers(401) == {"WWW-Authenticate": "Bearer"}
+
+
+# -- load shedding in the proxy ---------------------------------------------------------------
+def test_the_throttle_lets_through_about_k_times_what_the_replicas_accept():
+    """10x overload: 10 requests per tick, the replicas accept 1 per tick and refuse the rest.
+    In steady state the proxy lets about k = 2 per tick through and sheds the other 8."""
+    throttle = AdaptiveThrottle(k=2.0, window_s=4.0, rand=random.Random(0).random)
+    throttle.record("/v1/embed", 200, now=0.0)  # the route has answered before
+    passed = []
+    for tick in range(400):  # 0.05 s per tick: 20 s, five windows
+        now, accepted, through = tick * 0.05, 0, 0
+        for _ in range(10):
+            if throttle.admit("/v1/embed", now):
+                through += 1
+                throttle.record("/v1/embed", 200 if accepted == 0 else 503, now)
+                accepted = 1
+        passed.append(through)
+    steady = passed[200:]
+    assert 1.5 <= sum(steady) / len(steady) <= 3.0, sum(steady) / len(steady)
+    # the overload ends: within one window nothing is shed any more
+    later = 400 * 0.05
+    throttle.record("/v1/embed", 200, now=later)
+    assert throttle.shed_probability("/v1/embed", now=later + 4.0) == 0.0
+    assert throttle.admit("/v1/embed", now=later + 4.1)
+
+
+def test_routes_that_never_answered_200_are_not_tracked():
+    throttle = AdaptiveThrottle(k=2.0, rand=lambda: 0.0)
+    for i in range(100):
+        throttle.record(f"/random/{i}", 404, now=float(i))
+        assert throttle.admit(f"/random/{i}", now=float(i))
+    assert throttle.shed_probability("/random/1") == 0.0
+    assert not AdaptiveThrottle.from_env({"ARCFACE_PROXY_SHED_K": "0"}).enabled
+    assert AdaptiveThrottle.from_env({}).k == 2.0
+
+
+def test_the_proxy_sheds_in_our_shape_once_replicas_refuse():
+    answers = iter([200] + [503] * 1000)
+
+    async def replica(scope, receive, send):
+        status = next(answers)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = LoadShedding(replica, AdaptiveThrottle(k=2.0, window_s=60.0, rand=lambda: 0.0))
+    shed_headers = []
+    for _ in range(50):
+        sent = []
+
+        async def send(message, sent=sent):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        asyncio.run(middleware({"type": "http", "method": "POST", "path": "/v1/embed", "headers": []},
+                               receive, send))
+        code, headers, body = _response(sent)
+        if headers.get("x-arcface-shed") == "proxy":
+            assert code == 503 and json.loads(body)["error"]["reason"] == "overloaded"
+            assert headers["retry-after"] == "1"
+            shed_headers.append(headers)
+    assert len(shed_headers) >= 45  # after the first refusals, nearly all are shed here
