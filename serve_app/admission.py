@@ -6,9 +6,11 @@ or how fast this replica's engine is. Here a request is admitted only if
 
 - the faces pending on the replica stay within ``max_pending_faces`` (memory), and
 - the wait it would have before its first batch starts, predicted from the faces ahead of it
-  and the engine's throughput (faces/s: the best of the last ``RATE_WINDOW`` batches, so
-  that small batches at low load, slow per face, do not make the estimate pessimistic when a
-  burst arrives: batches then fill up), is within ``max_wait_s`` (``max_queue_wait_s``);
+  and the engine's measured cost, is within ``max_wait_s`` (``max_queue_wait_s``). The cost
+  is a line fitted to the last ``RATE_WINDOW`` batches: ``seconds = overhead + faces x
+  per_face`` (so small batches at low load, expensive per face, do not make a burst look
+  slower than it is: its batches fill up), and ``P`` faces ahead cost ``P x per_face`` plus one
+  ``overhead`` per batch of at most ``max_batch`` faces;
 
 otherwise it gets 503 ``overloaded`` at once, with ``Retry-After``. A request admitted on a
 prediction that turns out wrong is still bounded: a chunk whose request has not started within
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .errors import RequestError
 
-RATE_WINDOW = 64  # batches the throughput estimate looks back on
+RATE_WINDOW = 64  # batches the cost estimate looks back on
 
 
 @dataclass(eq=False)
@@ -42,11 +44,13 @@ class Ticket:
 class Admission:
     """The admission state of one replica (thread-safe: batches finish on the encode thread)."""
 
-    def __init__(self, max_pending_faces: int, max_wait_s: float) -> None:
+    def __init__(self, max_pending_faces: int, max_wait_s: float, max_batch: int = 32) -> None:
         self.max_pending_faces = max_pending_faces
         self.max_wait_s = max_wait_s
+        self.max_batch = max_batch  # faces per engine batch (kept in step by the deployment)
         self.pending_faces = 0  # admitted and not finished
-        self._rates: deque[float] = deque(maxlen=RATE_WINDOW)  # faces/s of recent batches
+        self._batches: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)  # (faces, seconds)
+        self._cost: tuple[float, float] | None = None  # (overhead s, s per face), fitted
         self.rejected = 0
         self.expired = 0
         self.start_waits: deque[float] = deque(maxlen=1000)  # s from admission to first batch, recent
@@ -54,16 +58,20 @@ class Admission:
 
     @property
     def faces_per_s(self) -> float | None:
-        """The engine's throughput: the best faces/s of the recent batches (None before one)."""
-        return max(self._rates) if self._rates else None
+        """The engine's throughput in full batches, from the fitted cost (None before a batch)."""
+        if self._cost is None:
+            return None
+        overhead, per_face = self._cost
+        return self.max_batch / max(overhead + self.max_batch * per_face, 1e-9)
 
     def predicted_wait_s(self, extra_faces: int = 0) -> float:
         """Seconds until a request queued now would start, at most: every pending face (the
-        running batch counted whole) at the measured rate. 0 before a batch was measured."""
-        rate = self.faces_per_s
-        if not rate:
+        running batch counted whole) at the fitted cost. 0 before a batch was measured."""
+        if self._cost is None:
             return 0.0
-        return (self.pending_faces + extra_faces) / rate
+        overhead, per_face = self._cost
+        faces = self.pending_faces + extra_faces
+        return faces * per_face + -(-faces // self.max_batch) * overhead
 
     def check_open(self) -> None:
         """Cheap refusal before a request's body is even read: the queue alone already waits
@@ -111,7 +119,8 @@ class Admission:
     def finish_batch(self, faces: int, encode_s: float) -> None:
         with self._lock:
             if faces > 0 and encode_s > 0:
-                self._rates.append(faces / encode_s)
+                self._batches.append((faces, encode_s))
+                self._cost = _fit(self._batches)
 
     def _refuse(self, why: str) -> None:
         self.rejected += 1
@@ -124,9 +133,12 @@ class Admission:
                             f"max_queue_wait_s ({self.max_wait_s:g} s); retry later")
 
     def summary(self) -> dict:
+        overhead, per_face = self._cost or (None, None)
         return {
             "pending_faces": self.pending_faces,
             "faces_per_s": self.faces_per_s,
+            "batch_overhead_s": overhead,
+            "seconds_per_face": per_face,
             "predicted_wait_s": self.predicted_wait_s(),
             "max_queue_wait_s": self.max_wait_s,
             "max_pending_faces": self.max_pending_faces,
@@ -134,3 +146,20 @@ class Admission:
             "dropped_queue_timeout": self.expired,
             "max_start_wait_s": max(self.start_waits) if self.start_waits else None,  # recent requests
         }
+
+
+def _fit(batches) -> tuple[float, float]:
+    """``(overhead, per_face)`` of ``seconds = overhead + faces x per_face``, least squares over
+    ``batches``, both terms kept >= 0; with a single batch size, all of it per face (through the
+    origin: pessimistic for larger batches, right for the size seen)."""
+    n = len(batches)
+    mean_b = sum(b for b, _ in batches) / n
+    mean_t = sum(t for _, t in batches) / n
+    var = sum((b - mean_b) ** 2 for b, _ in batches)
+    if var > 0:
+        per_face = sum((b - mean_b) * (t - mean_t) for b, t in batches) / var
+        overhead = mean_t - per_face * mean_b
+        if per_face >= 0 and overhead >= 0:
+            return overhead, per_face
+    total_b = sum(b for b, _ in batches)
+    return 0.0, sum(t for _, t in batches) / total_b

@@ -123,6 +123,7 @@ class EmbeddingDeployment:
         else:
             self._max_batch, self._max_batch_source = batching.max_batch_size, "user_config.max_batch_size"
         self._embed_batch.set_max_batch_size(self._max_batch)
+        self.admission.max_batch = self._max_batch
         self._embed_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=count_faces)

@@ -28,11 +28,14 @@ def test_admission_bounds_pending_faces():
 
 
 def test_admission_refuses_at_once_what_could_not_start_within_max_wait():
-    admission = Admission(max_pending_faces=10_000, max_wait_s=0.5)
+    admission = Admission(max_pending_faces=10_000, max_wait_s=0.5, max_batch=32)
     admission.check_open()  # nothing measured yet: open
-    admission.finish_batch(faces=4, encode_s=1.0)  # a small batch at low load: 4 faces/s
-    admission.finish_batch(faces=32, encode_s=1.0)  # a full one: 32 faces/s, the estimate
-    assert admission.faces_per_s == 32
+    admission.finish_batch(faces=8, encode_s=0.3)  # a small batch at low load: 27 faces/s
+    admission.finish_batch(faces=32, encode_s=0.9)  # a full one: 36 faces/s
+    # fitted: 0.1 s per batch + 0.025 s per face
+    assert admission.summary()["batch_overhead_s"] == pytest.approx(0.1)
+    assert admission.summary()["seconds_per_face"] == pytest.approx(0.025)
+    assert admission.faces_per_s == pytest.approx(32 / 0.9)
     tickets = [admission.admit(8), admission.admit(8)]  # 16 faces ahead of the next: 0.5 s
     admission.check_open()  # 0.5 s is not more than 0.5 s
     tickets.append(admission.admit(1))
@@ -135,3 +138,13 @@ def test_a_failing_image_fails_its_request_only():
         queue.close()
     assert len(other) == 2 and (error.status, error.reason) == (422, "not_an_image")
     assert error.message.startswith("images[1]: ")
+
+
+def test_the_cost_fit_keeps_both_terms_non_negative():
+    admission = Admission(max_pending_faces=100, max_wait_s=1.0, max_batch=10)
+    for _ in range(3):
+        admission.finish_batch(faces=1, encode_s=0.01)  # one size only: all of it per face
+    assert admission.predicted_wait_s(extra_faces=20) == pytest.approx(0.2)
+    admission.finish_batch(faces=10, encode_s=0.005)  # a faster big batch (noise): no negative cost
+    summary = admission.summary()
+    assert summary["batch_overhead_s"] == 0.0 and summary["seconds_per_face"] > 0
