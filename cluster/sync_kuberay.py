@@ -36,8 +36,8 @@ CLUSTER_OVERRIDES: dict[str, Any] = {"http_options": {"host": "0.0.0.0"}}
 # ... and in every application's args: no token, no start (README "Security"). The token file
 # is mounted on every node: file_mounts in aws-gpu.yaml, a Secret volume in rayservice.yaml.
 # A GPU answers an idle request in tens of ms and a full batch in about 10 ms: a queue bound
-# of 0.1 s keeps accepted requests within a few times that under overload (0.5 s, sized for
-# CPU replicas, would allow 15x), and 512 requests per replica let them reach the replica's
+# of 0.1 s keeps accepted requests within a few times that under overload (0.25 s, sized for
+# CPU replicas, would allow about 10x), and 512 requests per replica let them reach the replica's
 # own admission (which then holds about 0.1 s of work) instead of the proxy's queue.
 APP_OVERRIDES: dict[str, Any] = {"require_auth": True, "auth_token_file": "~/.arcface/serve_token",
                                  "max_queue_wait_s": 0.1}

@@ -38,7 +38,7 @@ class ServeAppSettings:
     max_request_megapixels: float = field(default=100.0, metadata={"min": 0.0126})
     max_pending_faces: int = field(default=4096, metadata={"min": 1})
     # longest wait for the engine (and for a decode thread) before a request gets 503
-    max_queue_wait_s: float = field(default=0.5, metadata={"min": 0.001, "max": 60.0})
+    max_queue_wait_s: float = field(default=0.25, metadata={"min": 0.001, "max": 60.0})
     retry_after_s: int = field(default=1, metadata={"min": 1, "max": 3600})  # Retry-After of 503s
     same_person_threshold: float = field(default=0.4, metadata={"min": -1.0, "max": 1.0})
     require_auth: bool = False  # refuse to start without a token
