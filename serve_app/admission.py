@@ -5,12 +5,12 @@ Serve bounds requests per replica (``max_ongoing_requests``) and in the proxy's 
 or how fast this replica's engine is. Here a request is admitted only if
 
 - the faces pending on the replica stay within ``max_pending_faces`` (memory), and
-- the wait it would have before its first batch starts, predicted from the faces ahead of it
-  and the engine's measured cost, is within ``max_wait_s`` (``max_queue_wait_s``). The cost
-  is a line fitted to the last ``RATE_WINDOW`` batches: ``seconds = overhead + faces x
-  per_face`` (so small batches at low load, expensive per face, do not make a burst look
-  slower than it is: its batches fill up), and ``P`` faces ahead cost ``P x per_face`` plus one
-  ``overhead`` per batch of at most ``max_batch`` faces;
+- the wait it would have before its first batch starts is within ``max_wait_s``
+  (``max_queue_wait_s``). Batching decides that wait: a request joins the next batch unless
+  the faces queued ahead of it fill whole batches first, so it waits for what is left of the
+  running batch plus ``queued // max_batch`` full batches. Durations come from a line fitted
+  to the last ``RATE_WINDOW`` batches, ``seconds = overhead + faces x per_face`` (small
+  batches at low load, expensive per face, do not make a burst look slower than it is);
 
 otherwise it gets 503 ``overloaded`` at once, with ``Retry-After``. A request admitted on a
 prediction that turns out wrong is still bounded: a chunk whose request has not started within
@@ -51,34 +51,43 @@ class Admission:
         self.pending_faces = 0  # admitted and not finished
         self._batches: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)  # (faces, seconds)
         self._cost: tuple[float, float] | None = None  # (overhead s, s per face), fitted
+        self._running: tuple[int, float] | None = None  # the batch on the engine: (faces, since)
         self.rejected = 0
         self.expired = 0
         self.start_waits: deque[float] = deque(maxlen=1000)  # s from admission to first batch, recent
         self._lock = threading.Lock()
+
+    def batch_s(self, faces: int) -> float:
+        """The fitted duration of an engine batch of ``faces`` (0 before one was measured)."""
+        if self._cost is None:
+            return 0.0
+        overhead, per_face = self._cost
+        return overhead + faces * per_face
 
     @property
     def faces_per_s(self) -> float | None:
         """The engine's throughput in full batches, from the fitted cost (None before a batch)."""
         if self._cost is None:
             return None
-        overhead, per_face = self._cost
-        return self.max_batch / max(overhead + self.max_batch * per_face, 1e-9)
+        return self.max_batch / max(self.batch_s(self.max_batch), 1e-9)
 
-    def predicted_wait_s(self, extra_faces: int = 0) -> float:
-        """Seconds until a request queued now would start, at most: every pending face (the
-        running batch counted whole) at the fitted cost. 0 before a batch was measured."""
-        if self._cost is None:
-            return 0.0
-        overhead, per_face = self._cost
-        faces = self.pending_faces + extra_faces
-        return faces * per_face + -(-faces // self.max_batch) * overhead
+    def predicted_wait_s(self, now: float | None = None) -> float:
+        """Seconds until a request queued now would start: what is left of the running batch,
+        then one full batch per ``max_batch`` faces queued ahead (fewer join its own batch)."""
+        now = time.monotonic() if now is None else now
+        left, running = 0.0, 0
+        if self._running is not None:
+            running, since = self._running
+            left = max(0.0, self.batch_s(running) - (now - since))
+        queued = max(0, self.pending_faces - running)
+        return left + (queued // self.max_batch) * self.batch_s(self.max_batch)
 
     def check_open(self) -> None:
         """Cheap refusal before a request's body is even read: the queue alone already waits
         longer than ``max_wait_s``."""
         wait = self.predicted_wait_s()
         if wait > self.max_wait_s:
-            self._refuse(f"about {wait:.2f} s of work is queued on this replica, more than "
+            self._refuse(f"a request would wait about {wait:.2f} s for the engine, more than "
                          f"max_queue_wait_s ({self.max_wait_s:g} s)")
 
     def admit(self, faces: int) -> Ticket:
@@ -97,10 +106,10 @@ class Admission:
         with self._lock:
             self.pending_faces -= ticket.faces
 
-    def start_batch(self, tickets: list[Ticket]) -> list[bool]:
-        """Called as a batch forms: which of its chunks run (``True``) and which are dropped
-        because their request waited past ``max_wait_s`` without starting."""
-        now = time.monotonic()
+    def start_batch(self, tickets: list[Ticket], faces: list[int], now: float | None = None) -> list[bool]:
+        """Called as a batch of chunks (of ``faces`` each) forms: which run (``True``) and which
+        are dropped because their request waited past ``max_wait_s`` without starting."""
+        now = time.monotonic() if now is None else now
         keep = []
         with self._lock:
             for ticket in tickets:
@@ -114,10 +123,13 @@ class Admission:
                     ticket.started = True
                     self.start_waits.append(now - ticket.queued_at)
                 keep.append(True)
+            live = sum(n for n, k in zip(faces, keep, strict=True) if k)
+            self._running = (live, now) if live else None
         return keep
 
     def finish_batch(self, faces: int, encode_s: float) -> None:
         with self._lock:
+            self._running = None
             if faces > 0 and encode_s > 0:
                 self._batches.append((faces, encode_s))
                 self._cost = _fit(self._batches)

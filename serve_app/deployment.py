@@ -131,7 +131,8 @@ class EmbeddingDeployment:
         """One engine call for the chunks whose request is still within its wait; ``None`` for
         chunks dropped because their request waited past ``max_queue_wait_s``."""
         started = time.perf_counter()
-        keep = self.admission.start_batch([item.ticket for item in items])
+        keep = self.admission.start_batch([item.ticket for item in items],
+                                          [len(item.faces) for item in items])
         live = [item for item, k in zip(items, keep, strict=True) if k]
         if not live:
             return [None] * len(items)
