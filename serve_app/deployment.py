@@ -123,7 +123,6 @@ class EmbeddingDeployment:
         else:
             self._max_batch, self._max_batch_source = batching.max_batch_size, "user_config.max_batch_size"
         self._embed_batch.set_max_batch_size(self._max_batch)
-        self.admission.max_batch = self._max_batch
         self._embed_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=count_faces)
@@ -131,8 +130,7 @@ class EmbeddingDeployment:
         """One engine call for the chunks whose request is still within its wait; ``None`` for
         chunks dropped because their request waited past ``max_queue_wait_s``."""
         started = time.perf_counter()
-        keep = self.admission.start_batch([item.ticket for item in items],
-                                          [len(item.faces) for item in items])
+        keep = self.admission.start_batch([item.ticket for item in items])
         live = [item for item, k in zip(items, keep, strict=True) if k]
         if not live:
             return [None] * len(items)
