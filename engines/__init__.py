@@ -12,7 +12,7 @@ fallback chain and the drift gates beside them.
 from .backends.registry import available_backends, backend_names, register
 from .base.align import ARCFACE_TEMPLATE, LANDMARK_NAMES, check_landmarks, norm_crop
 from .base.contract import EmbeddingEngine, EngineInfo, embedding_contract_id, model_contract
-from .base.image import ALLOWED_FORMATS, ImageRejected, decode_image
+from .base.image import ALLOWED_FORMATS, ImageRejected, check_image_header, decode_image
 from .base.preprocess import FACE_SIZE
 from .cli.common import (
     EXIT_BAD_INPUT,
@@ -37,6 +37,7 @@ from .errors import (
     ModelResolutionError,
 )
 from .factory import configured_model, get_engine, load_engine
+from .hardware import cpu_model_name
 from .models.resolve import ResolvedModel, resolve_model
 from .models.sample_faces import (
     FaceSet,
@@ -76,9 +77,11 @@ __all__ = [
     "available_backends",
     "backend_names",
     "build_typed",
+    "check_image_header",
     "check_landmarks",
     "compare_embeddings",
     "configured_model",
+    "cpu_model_name",
     "decode_image",
     "embedding_contract_id",
     "emit_json",

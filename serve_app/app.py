@@ -17,13 +17,16 @@ from .deployment import EmbeddingIngress
 
 DEPLOYMENT_NAME = "EmbeddingDeployment"
 
-# Defaults for `serve.run(build_app(...))` from Python; deploy configs override them.
-# max_ongoing_requests >= max batch (faces, 1-face requests) x max_concurrent_batches (1).
+# Defaults for `serve.run(build_app(...))` from Python; deploy configs override them (the
+# same values as config/serve.yaml). max_ongoing_requests >= max batch (faces, 1-face requests)
+# x max_concurrent_batches (1), and large enough that requests reach the replica's own
+# admission (bounded in faces and time, answering 503 at once) instead of queueing in the proxy.
 DEFAULT_OPTIONS: dict[str, Any] = {
-    "max_ongoing_requests": 64,
-    "max_queued_requests": 256,
+    "max_ongoing_requests": 128,
+    "max_queued_requests": 64,
+    "backpressure_config": {"retry_after_s": 1},
     "ray_actor_options": {"num_cpus": 1},
-    "health_check_period_s": 10,
+    "health_check_period_s": 5,
     "health_check_timeout_s": 30,
     "graceful_shutdown_timeout_s": 20,
 }

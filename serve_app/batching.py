@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,9 +21,11 @@ from engines import EmbeddingEngine, EngineInfo
 
 @dataclass
 class BatchItem:
-    """One chunk of one request waiting in the batch queue."""
+    """One chunk of one request waiting in the batch queue; ``ticket``: its request's
+    admission ticket (``admission.Ticket``), shared by the request's chunks."""
 
     faces: np.ndarray
+    ticket: Any = None
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 

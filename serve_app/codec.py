@@ -5,6 +5,14 @@ Python objects and returns aligned ``(N, 112, 112, 3)`` uint8 crops, or raises
 ``RequestError`` carrying the HTTP status, a short machine-readable reason
 (also the ``reason`` tag of the rejected-requests metric) and a message that
 says what was wrong with which item.
+
+Decoding is in two steps, so that the expensive one can be bounded and scheduled fairly:
+``plan_*`` checks the structure, decodes base64 and reads each image's **header** (format
+allow-list, declared size; microseconds per image), then checks the request's total declared
+pixels against ``max_request_pixels``; only then does ``FaceJob.run`` decode and align one
+image (the replica runs those jobs on its fair decode queue, ``decode_queue``). Raw crops are
+taken only where the request says so (an ``.npy`` body, JSON ``crops``, gRPC ``Face.crop`` or
+``EmbedBatchRequest.crops``), never guessed from a byte count.
 """
 
 from __future__ import annotations
@@ -19,24 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from engines import FACE_SIZE, LANDMARK_NAMES, ImageRejected, decode_image, norm_crop
+from engines import FACE_SIZE, LANDMARK_NAMES, ImageRejected, check_image_header, decode_image, norm_crop
 from engines import check_landmarks as engine_check_landmarks
+
+from .errors import RequestError
 
 RAW_CROP_BYTES = FACE_SIZE * FACE_SIZE * 3
 NPY_MEDIA_TYPE = "application/x-npy"
+_RAW_HINT = ("a raw 112x112x3 BGR crop must be declared as one: JSON 'crops', gRPC Face.crop or "
+             "EmbedBatchRequest.crops, or an application/x-npy body")
 
-
-class RequestError(Exception):
-    """A client error: ``status`` (4xx), ``reason`` (metric tag), human message."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"status": self.status, "reason": self.reason, "message": self.message}}
+__all__ = ["NPY_MEDIA_TYPE", "RAW_CROP_BYTES", "FaceJob", "Limits", "RequestError"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Limits:
     max_body_bytes: int = 16 << 20
     # decoded size: a few KB of PNG can declare a gigapixel image (a decompression bomb)
     max_image_pixels: int = 40_000_000
+    # decode work of one request: the sum over its images (256 truncated JPEGs of a few hundred
+    # bytes each can declare 6000x6000: 9.2 gigapixels of decode for a 230 KB body)
+    max_request_pixels: int = 100_000_000
 
 
 def check_face_count(n: int, limits: Limits) -> None:
@@ -94,20 +98,89 @@ def encode_npy(array: np.ndarray) -> bytes:
 _IMAGE_STATUS = {"unsupported_format": 415, "image_too_large": 413, "not_an_image": 422}
 
 
+def _image_error(exc: ImageRejected, where: str, data: bytes) -> RequestError:
+    suffix = " (max_image_megapixels)" if exc.reason == "image_too_large" else ""
+    if exc.reason == "not_an_image" and len(data) == RAW_CROP_BYTES:
+        suffix = f"; {len(data)} bytes is the size of a raw crop: {_RAW_HINT}"
+    return RequestError(_IMAGE_STATUS[exc.reason], exc.reason, f"{where}: {exc}{suffix}")
+
+
+def read_image_header(data: bytes, where: str, max_pixels: int = Limits.max_image_pixels) -> int:
+    """The declared pixels of an encoded image (format and size checked, nothing decoded)."""
+    try:
+        return check_image_header(data, max_pixels)[1]
+    except ImageRejected as exc:
+        raise _image_error(exc, where, data) from None
+
+
 def decode_image_bytes(data: bytes, where: str, max_pixels: int = Limits.max_image_pixels) -> np.ndarray:
-    """Encoded JPEG / PNG / WebP / BMP / TIFF (or a raw 112x112x3 crop) -> BGR uint8 image.
+    """Encoded JPEG / PNG / WebP / BMP / TIFF -> BGR uint8 image (never a raw crop: see module doc).
 
     ``engines.decode_image`` does the work: formats by magic bytes from an allow-list, the
     header's declared size checked before anything is allocated, every decoder failure one
     error; here each refusal becomes its 4xx (415 format, 413 size, 422 undecodable).
     """
-    if len(data) == RAW_CROP_BYTES and not data.startswith((b"\x89PNG", b"\xff\xd8")):
-        return np.frombuffer(data, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3).copy()
     try:
         return decode_image(data, max_pixels)
     except ImageRejected as exc:
-        suffix = " (max_image_megapixels)" if exc.reason == "image_too_large" else ""
-        raise RequestError(_IMAGE_STATUS[exc.reason], exc.reason, f"{where}: {exc}{suffix}") from None
+        raise _image_error(exc, where, data) from None
+
+
+def raw_crop(data: bytes, where: str) -> np.ndarray:
+    """Exactly ``112*112*3`` bytes, C order, BGR -> one crop."""
+    if len(data) != RAW_CROP_BYTES:
+        raise RequestError(
+            422, "bad_crop",
+            f"{where}: a raw crop is {RAW_CROP_BYTES} bytes ((112, 112, 3) uint8 BGR), got {len(data)}",
+        )
+    return np.frombuffer(data, np.uint8).reshape(FACE_SIZE, FACE_SIZE, 3).copy()
+
+
+@dataclass
+class FaceJob:
+    """One face of a request: an encoded image still to decode (and align on ``landmarks``),
+    or a ``crop`` that is ready. ``pixels``: what the image header declares (0 for a crop)."""
+
+    where: str
+    data: bytes | None = None
+    landmarks: np.ndarray | None = None
+    crop: np.ndarray | None = None
+    pixels: int = 0
+    max_pixels: int = Limits.max_image_pixels
+
+    def run(self) -> np.ndarray:
+        """The crop: decode + align (the expensive step; a plain function for a worker thread)."""
+        if self.crop is not None:
+            return self.crop
+        image = decode_image_bytes(self.data, self.where, self.max_pixels)
+        return to_crop(image, self.landmarks, self.where)
+
+
+def image_job(data: bytes, landmarks: np.ndarray | None, where: str, limits: Limits) -> FaceJob:
+    pixels = read_image_header(data, where, limits.max_image_pixels)
+    return FaceJob(where, data=data, landmarks=landmarks, pixels=pixels, max_pixels=limits.max_image_pixels)
+
+
+def check_request_pixels(jobs: list[FaceJob], limits: Limits) -> list[FaceJob]:
+    """The per-request decode budget: the images' declared sizes, summed, before any decode."""
+    total = sum(job.pixels for job in jobs)
+    if total > limits.max_request_pixels:
+        raise RequestError(
+            413, "request_too_large",
+            f"the request's {sum(1 for j in jobs if j.pixels)} images declare {total:,} pixels in total; "
+            f"at most {limits.max_request_pixels:,} are decoded per request (max_request_megapixels): "
+            "split it, or send aligned crops",
+        )
+    return jobs
+
+
+def run_jobs(jobs: list[FaceJob]) -> np.ndarray:
+    """All crops of ``jobs`` in order, decoded here and now (tests, simple callers; the replica
+    runs the jobs on its fair decode queue instead)."""
+    out = np.empty((len(jobs), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    for i, job in enumerate(jobs):
+        out[i] = job.run()
+    return out
 
 
 def decode_base64(text: Any, where: str) -> bytes:
@@ -224,15 +297,22 @@ def decode_json_body(body: bytes) -> Any:
         raise RequestError(400, "bad_json", f"body is not valid JSON: {exc}") from None
 
 
-def decode_embed_json(payload: Any, limits: Limits) -> np.ndarray:
-    """``{"images": [b64...], "landmarks": [[[x, y] * 5] ...]?, "aligned": bool?}`` -> crops."""
+_EMBED_FIELDS = ("images", "crops", "landmarks", "aligned")
+
+
+def plan_embed_json(payload: Any, limits: Limits) -> list[FaceJob]:
+    """``{"images": [b64...], "landmarks": [[[x, y] * 5] ...]?, "aligned": bool?}`` or
+    ``{"crops": [b64 of 37632 raw BGR bytes...]}`` -> one job per face (headers read, budget
+    checked, nothing decoded yet)."""
     if not isinstance(payload, dict):
-        raise RequestError(422, "bad_request", "JSON body must be an object with an 'images' list")
-    unknown = sorted(set(payload) - {"images", "landmarks", "aligned"})
+        raise RequestError(422, "bad_request", "JSON body must be an object with an 'images' or 'crops' list")
+    unknown = sorted(set(payload) - set(_EMBED_FIELDS))
     if unknown:
         raise RequestError(
-            422, "bad_request", f"unknown field(s) {unknown}; expected images, landmarks, aligned"
+            422, "bad_request", f"unknown field(s) {unknown}; expected {', '.join(_EMBED_FIELDS)}"
         )
+    if "crops" in payload:
+        return _plan_json_crops(payload, limits)
     images = payload.get("images")
     if not isinstance(images, list):
         raise RequestError(422, "bad_request", "'images' must be a list of base64 JPEG/PNG strings")
@@ -257,25 +337,47 @@ def decode_embed_json(payload: Any, limits: Limits) -> np.ndarray:
         raise RequestError(
             422, "bad_request", "'aligned' is false but no 'landmarks' were sent to align with"
         )
-    crops = np.empty((len(images), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    jobs = []
     for i, text in enumerate(images):
         where = f"images[{i}]"
-        # cheap structural checks before the (expensive) image decode
         kps = parse_landmarks(landmarks[i], f"landmarks[{i}]") if landmarks is not None else None
-        image = decode_image_bytes(decode_base64(text, where), where, limits.max_image_pixels)
-        crops[i] = to_crop(image, kps, where)
-    return crops
+        jobs.append(image_job(decode_base64(text, where), kps, where, limits))
+    return check_request_pixels(jobs, limits)
 
 
-def decode_face_spec(spec: Any, where: str, limits: Limits) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """One side of ``/v1/compare``: ``{"image": b64, "landmarks"?}`` or ``{"embedding": [...]}``.
+def _plan_json_crops(payload: dict, limits: Limits) -> list[FaceJob]:
+    if "images" in payload or "landmarks" in payload or "aligned" in payload:
+        raise RequestError(422, "bad_request", "'crops' are aligned raw crops: send them without "
+                                               "'images', 'landmarks' or 'aligned'")
+    crops = payload["crops"]
+    if not isinstance(crops, list):
+        raise RequestError(422, "bad_request", "'crops' must be a list of base64 strings of "
+                                               f"{RAW_CROP_BYTES} raw BGR bytes each")
+    check_face_count(len(crops), limits)
+    return [FaceJob(f"crops[{i}]", crop=raw_crop(decode_base64(text, f"crops[{i}]"), f"crops[{i}]"))
+            for i, text in enumerate(crops)]
 
-    Returns ``(crop, None)`` or ``(None, embedding)``.
-    """
+
+def decode_embed_json(payload: Any, limits: Limits) -> np.ndarray:
+    """``plan_embed_json`` + ``run_jobs``: the crops of an ``/v1/embed`` JSON body."""
+    return run_jobs(plan_embed_json(payload, limits))
+
+
+def plan_face_spec(spec: Any, where: str, limits: Limits) -> tuple[FaceJob | None, np.ndarray | None]:
+    """One side of ``/v1/compare``: ``{"image": b64, "landmarks"?}``, ``{"crop": b64}`` (a raw
+    crop) or ``{"embedding": [...]}``. Returns ``(job, None)`` or ``(None, embedding)``."""
+    kinds = ("image", "crop", "embedding")
     if not isinstance(spec, dict):
-        raise RequestError(422, "bad_request", f"{where}: expected an object with 'image' or 'embedding'")
-    if ("image" in spec) == ("embedding" in spec):
-        raise RequestError(422, "bad_request", f"{where}: give exactly one of 'image' or 'embedding'")
+        raise RequestError(422, "bad_request",
+                           f"{where}: expected an object with 'image', 'crop' or 'embedding'")
+    given = [k for k in kinds if k in spec]
+    if len(given) != 1:
+        raise RequestError(422, "bad_request", f"{where}: give exactly one of 'image', 'crop' or 'embedding'")
+    unknown = sorted(set(spec) - {*kinds, "landmarks"})
+    if unknown or ("landmarks" in spec and given != ["image"]):
+        raise RequestError(422, "bad_request",
+                           f"{where}: unexpected field(s) {unknown or ['landmarks']}; "
+                           "'landmarks' go with 'image'")
     if "embedding" in spec:
         try:
             vec = np.asarray(spec["embedding"], dtype=np.float64)
@@ -290,13 +392,21 @@ def decode_face_spec(spec: Any, where: str, limits: Limits) -> tuple[np.ndarray 
         if not np.isfinite(vec).all() or not np.linalg.norm(vec) > 0:
             raise RequestError(422, "bad_embedding", f"{where}: embedding must be finite and non-zero")
         return None, vec
-    image = decode_image_bytes(decode_base64(spec["image"], where), where, limits.max_image_pixels)
+    if "crop" in spec:
+        return FaceJob(where, crop=raw_crop(decode_base64(spec["crop"], where), where)), None
     kps = parse_landmarks(spec["landmarks"], f"{where}.landmarks") if "landmarks" in spec else None
-    return to_crop(image, kps, where), None
+    return image_job(decode_base64(spec["image"], where), kps, where, limits), None
 
 
-def decode_grpc_faces(faces: list, crops: bytes, limits: Limits) -> np.ndarray:
-    """``EmbedBatchRequest`` contents -> crops (one of ``faces`` or ``crops``)."""
+def decode_face_spec(spec: Any, where: str, limits: Limits) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``plan_face_spec`` with the job run: ``(crop, None)`` or ``(None, embedding)``."""
+    job, vec = plan_face_spec(spec, where, limits)
+    return (job.run() if job is not None else None), vec
+
+
+def plan_grpc_faces(faces: list, crops: bytes, limits: Limits) -> list[FaceJob] | np.ndarray:
+    """``EmbedBatchRequest`` contents (one of ``faces`` or ``crops``) -> the crops tensor, or one
+    job per ``Face`` (``image``: encoded, optional ``landmarks``; or ``crop``: raw bytes)."""
     if faces and crops:
         raise RequestError(400, "bad_request", "send either 'faces' or 'crops', not both")
     if crops:
@@ -311,10 +421,23 @@ def decode_grpc_faces(faces: list, crops: bytes, limits: Limits) -> np.ndarray:
         check_face_count(array.shape[0], limits)
         return array.copy()
     check_face_count(len(faces), limits)
-    out = np.empty((len(faces), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    jobs = []
     for i, face in enumerate(faces):
         where = f"faces[{i}]"
-        image = decode_image_bytes(face.image, where, limits.max_image_pixels)
+        if face.image and face.crop:
+            raise RequestError(400, "bad_request", f"{where}: set one of 'image' (encoded) or 'crop' (raw)")
+        if face.crop:
+            if face.landmarks:
+                raise RequestError(422, "bad_request", f"{where}: a raw 'crop' is aligned already; "
+                                                       "landmarks go with 'image'")
+            jobs.append(FaceJob(where, crop=raw_crop(face.crop, where)))
+            continue
         kps = parse_landmarks(list(face.landmarks), f"{where}.landmarks") if face.landmarks else None
-        out[i] = to_crop(image, kps, where)
-    return out
+        jobs.append(image_job(face.image, kps, where, limits))
+    return check_request_pixels(jobs, limits)
+
+
+def decode_grpc_faces(faces: list, crops: bytes, limits: Limits) -> np.ndarray:
+    """``plan_grpc_faces`` with every job run: the crops of an ``EmbedBatchRequest``."""
+    plan = plan_grpc_faces(faces, crops, limits)
+    return plan if isinstance(plan, np.ndarray) else run_jobs(plan)

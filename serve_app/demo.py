@@ -73,7 +73,7 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
         tom = faces[-1].crop
-        reply = stub.Embed(pb.EmbedRequest(face=pb.Face(image=tom.tobytes())), metadata=metadata, timeout=60)
+        reply = stub.Embed(pb.EmbedRequest(face=pb.Face(crop=tom.tobytes())), metadata=metadata, timeout=60)
         channel.close()
         print(f"gRPC Embed (Tom Hanks crop): dim {reply.dim}, norm before L2 {reply.embeddings[0].norm:.1f}")
         stats = info["batch_stats"]

@@ -2,13 +2,15 @@
 
 ``EmbeddingDeployment`` is a plain class that ``app.build_app`` turns into a
 Serve deployment. On top of the engine it adds: face-counted dynamic batching
-(``@serve.batch``, shared by HTTP and gRPC), request decoding, auth, limits,
-metrics, and a health check that runs a real encode. It knows nothing about
-which backend it holds: ``engines.load_engine`` picks it from the config.
+(``@serve.batch``, shared by HTTP and gRPC), request decoding on a fair decode
+queue (``decode_queue``), admission bounded in faces and in time (``admission``),
+auth, limits, metrics, and a health check that runs a real encode. It knows
+nothing about which backend it holds: ``engines.load_engine`` picks it from the config.
 
-Error handling lives in one place per protocol (``_http_error`` and
-``_grpc_error``): every ``RequestError`` becomes a 4xx/503 with its message,
-is counted by reason, and leaves the replica serving.
+Routes and RPCs raise ``RequestError``; ``errors`` turns it (and anything else that
+escapes) into a response in one place per protocol: ``install_http_handlers`` for
+HTTP, the ``grpc_method`` decorator for gRPC. Every refusal is counted by reason
+and leaves the replica serving.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from engines import load_config, load_engine, load_tom_hanks
+from engines import FACE_SIZE, load_config, load_engine, load_tom_hanks
 
+from .admission import Admission
 from .batching import (
     BatchItem,
     BatchStats,
@@ -37,16 +40,18 @@ from .batching import (
 )
 from .codec import (
     NPY_MEDIA_TYPE,
+    FaceJob,
     Limits,
-    RequestError,
-    decode_embed_json,
-    decode_face_spec,
-    decode_grpc_faces,
     decode_json_body,
     decode_npy,
     encode_npy,
     is_number,
+    plan_embed_json,
+    plan_face_spec,
+    plan_grpc_faces,
 )
+from .decode_queue import FairDecodeQueue
+from .errors import ErrorReporter, RequestError, grpc_method, install_http_handlers
 from .metrics import ServiceMetrics
 from .protos import embedding_pb2 as pb
 from .settings import BatchingConfig, TokenAuth, parse_settings, parse_user_config
@@ -58,13 +63,17 @@ api = FastAPI(
     description="ArcFace embeddings of aligned face crops (or images plus 5-point landmarks).",
     version="1",
 )
+install_http_handlers(api)
+
+_JSON = "application/json"
 
 
 class EmbeddingDeployment:
-    """Engine + batching + decoding + metrics + health; see the module docstring."""
+    """Engine + batching + decoding + admission + metrics + health; see the module docstring."""
 
     def __init__(self, args: dict[str, Any] | None = None) -> None:
         self.settings = parse_settings(args)
+        self.auth = TokenAuth.from_settings(self.settings)  # before the engine: fail fast
         overrides = {"embedding.model": self.settings.model, "embedding.backend": self.settings.backend}
         cfg = load_config(self.settings.embedding_config, overrides=overrides)
         self.engine = load_engine(cfg)
@@ -73,15 +82,17 @@ class EmbeddingDeployment:
             max_faces=self.settings.max_faces_per_request,
             max_body_bytes=int(self.settings.max_body_mb * (1 << 20)),
             max_image_pixels=int(self.settings.max_image_megapixels * 1e6),
+            max_request_pixels=int(self.settings.max_request_megapixels * 1e6),
         )
-        self.auth = TokenAuth.from_settings(self.settings)
         self.stats = BatchStats()
         self.metrics = ServiceMetrics(self.engine_info)
+        self.errors = ErrorReporter(self.metrics, self.settings.retry_after_s)
+        api.state.errors = self.errors
+        self.admission = Admission(self.settings.max_pending_faces, self.settings.max_queue_wait_s)
         # One encode thread: the engine already uses every core, and keeping the
         # call off the event loop lets requests queue (and batches grow) meanwhile.
         self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
-        self._decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
-        self._pending_faces = 0
+        self._decoder = FairDecodeQueue(self.settings.decode_threads, self.settings.max_queue_wait_s)
         self._default_max_batch, self._default_max_batch_source = engine_batch_target(
             self.engine_info, cfg.embedding.opt_batch_size
         )
@@ -115,36 +126,47 @@ class EmbeddingDeployment:
         self._embed_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=count_faces)
-    async def _embed_batch(self, items: list[BatchItem]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _embed_batch(self, items: list[BatchItem]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """One engine call for the chunks whose request is still within its wait; ``None`` for
+        chunks dropped because their request waited past ``max_queue_wait_s``."""
         started = time.perf_counter()
-        wait_s = started - min(item.enqueued_at for item in items)
+        keep = self.admission.start_batch([item.ticket for item in items])
+        live = [item for item, k in zip(items, keep, strict=True) if k]
+        if not live:
+            return [None] * len(items)
+        wait_s = started - min(item.enqueued_at for item in live)
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._encode_pool, run_batch, self.engine, items)
+        results = iter(await loop.run_in_executor(self._encode_pool, run_batch, self.engine, live))
         encode_s = time.perf_counter() - started
-        faces = count_faces(items)
-        self.stats.record(faces, len(items), wait_s, encode_s)
+        faces = count_faces(live)
+        self.admission.finish_batch(faces, encode_s)
+        self.stats.record(faces, len(live), wait_s, encode_s)
         self.metrics.batch(faces, wait_s, encode_s)
-        return results
+        return [next(results) if k else None for k in keep]
 
     async def embed(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and norms of ``faces`` through the shared batch queue."""
-        n = len(faces)
-        if self._pending_faces + n > self.settings.max_pending_faces:
-            raise RequestError(
-                503,
-                "overloaded",
-                f"replica queue full ({self._pending_faces} faces pending, limit "
-                f"{self.settings.max_pending_faces}); retry later",
-            )
-        self._pending_faces += n
+        """Embeddings and norms of ``faces`` through the shared batch queue (admission first:
+        503 at once when the replica cannot start it within ``max_queue_wait_s``)."""
+        ticket = self.admission.admit(len(faces))
         try:
             chunks = split_request(faces, self._max_batch)
-            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c)) for c in chunks))
+            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c, ticket)) for c in chunks))
         finally:
-            self._pending_faces -= n
+            self.admission.release(ticket)
+        if any(part is None for part in parts):
+            raise self.admission.expired_error(ticket)
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    async def _crops(self, jobs: list[FaceJob]) -> np.ndarray:
+        """The crops of ``jobs``: images decoded on the fair decode queue, ready crops as they are."""
+        todo = [job for job in jobs if job.crop is None]
+        decoded = iter(await self._decoder.run([job.run for job in todo]))
+        out = np.empty((len(jobs), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+        for i, job in enumerate(jobs):
+            out[i] = job.crop if job.crop is not None else next(decoded)
+        return out
 
     async def check_health(self) -> None:
         """Serve's health probe: a real one-face encode must succeed and be unit-norm."""
@@ -165,26 +187,30 @@ class EmbeddingDeployment:
             "synthetic": info.synthetic,
         }
 
-    async def _decode(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
-
-    def _http_error(self, err: RequestError) -> JSONResponse:
-        self.metrics.reject(err.reason, "http")
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        if err.status == 503:
-            headers = {"Retry-After": "1"}
-        return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
-
     def _check_auth(self, authorization: str | None) -> None:
         if not self.auth.check(authorization):
             raise RequestError(
                 401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer ...)"
             )
 
+    @staticmethod
+    def _content_type(request: Request, allowed: tuple[str, ...]) -> str:
+        """The declared media type, required (a POST without one is refused, not guessed: a
+        cross-site form can send none or text/plain without a CORS preflight)."""
+        raw = request.headers.get("content-type")
+        ctype = (raw or "").split(";")[0].strip().lower()
+        if ctype not in allowed:
+            got = f"content-type {ctype!r}" if raw else "no content-type"
+            raise RequestError(415, "unsupported_media_type",
+                               f"{got}; send {' or '.join(allowed)}")
+        return ctype
+
     async def _read_body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared is not None and not (declared.isascii() and declared.isdigit()):
+            raise RequestError(400, "bad_request", f"content-length {declared!r:.40} is not a number")
+        if declared and int(declared) > limit:
             raise RequestError(
                 413, "body_too_large", f"body of {declared} bytes exceeds the {limit}-byte limit"
             )
@@ -196,28 +222,27 @@ class EmbeddingDeployment:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def _json_plan(self, body: bytes, plan):
+        """Parse a JSON body and plan its faces on the decode queue (a 16 MB body takes a
+        while to parse: not on the event loop that forms batches)."""
+        return (await self._decoder.run([lambda: plan(decode_json_body(body))]))[0]
+
     # -- HTTP -------------------------------------------------------------------------------
     @api.post("/v1/embed")
     async def http_embed(self, request: Request) -> Response:
-        """Embed faces: JSON ``{"images": [base64...], "landmarks"?, "aligned"?}`` or an
-        ``application/x-npy`` body of ``(N, 112, 112, 3)`` uint8 BGR crops. Answers JSON, or
-        ``.npy`` float32 ``(N, D)`` with ``Accept: application/x-npy``."""
-        try:
-            self._check_auth(request.headers.get("authorization"))
-            body = await self._read_body(request)
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype == NPY_MEDIA_TYPE:
-                faces = decode_npy(body, self.limits)
-            elif ctype in ("application/json", ""):
-                faces = await self._decode(decode_embed_json, decode_json_body(body), self.limits)
-            else:
-                raise RequestError(
-                    415, "unsupported_media_type",
-                    f"content-type {ctype!r} not supported; use application/json or {NPY_MEDIA_TYPE}",
-                )
-            embeddings, norms = await self.embed(faces)
-        except RequestError as err:
-            return self._http_error(err)
+        """Embed faces: JSON ``{"images": [base64...], "landmarks"?, "aligned"?}`` or
+        ``{"crops": [base64 of raw 112x112x3 BGR...]}``, or an ``application/x-npy`` body of
+        ``(N, 112, 112, 3)`` uint8 BGR crops. Answers JSON, or ``.npy`` float32 ``(N, D)`` with
+        ``Accept: application/x-npy``."""
+        self._check_auth(request.headers.get("authorization"))
+        ctype = self._content_type(request, (_JSON, NPY_MEDIA_TYPE))
+        self.admission.check_open()
+        body = await self._read_body(request)
+        if ctype == NPY_MEDIA_TYPE:
+            faces = decode_npy(body, self.limits)
+        else:
+            faces = await self._crops(await self._json_plan(body, lambda p: plan_embed_json(p, self.limits)))
+        embeddings, norms = await self.embed(faces)
         fields = self._response_fields()
         if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
             headers = {f"x-arcface-{k}": str(v) for k, v in fields.items()}
@@ -226,59 +251,75 @@ class EmbeddingDeployment:
 
     @api.post("/v1/compare")
     async def http_compare(self, request: Request) -> Response:
-        """Cosine similarity of two faces (``{"image", "landmarks"?}``) or embeddings
-        (``{"embedding": [...]}``), and a same-person decision at ``threshold``."""
-        try:
-            self._check_auth(request.headers.get("authorization"))
-            payload = decode_json_body(await self._read_body(request))
-            if not isinstance(payload, dict) or "a" not in payload or "b" not in payload:
-                raise RequestError(
-                    422, "bad_request", "body must be {\"a\": face, \"b\": face, \"threshold\"?}"
-                )
-            threshold = payload.get("threshold", self.settings.same_person_threshold)
-            if not (is_number(threshold) and -1 <= threshold <= 1):  # also refuses NaN
-                raise RequestError(
-                    422, "bad_request", f"'threshold' must be a number in [-1, 1], got {threshold!r:.40}"
-                )
-            contract = payload.get("contract")
-            if contract is not None and contract != self.engine_info.contract:
-                raise RequestError(
-                    409, "contract_mismatch",
-                    f"embeddings of contract {contract} cannot be compared in this service's space "
-                    f"({self.engine_info.contract})",
-                )
-            sides = [await self._decode(decode_face_spec, payload[k], k, self.limits) for k in ("a", "b")]
-            crops = [crop for crop, _ in sides if crop is not None]
-            vectors = iter((await self.embed(np.stack(crops)))[0]) if crops else iter(())
-            a, b = (vec if vec is not None else next(vectors) for _, vec in sides)
-            dim = self.engine_info.embedding_dim
-            if a.shape != (dim,) or b.shape != (dim,):
-                raise RequestError(
-                    422,
-                    "bad_embedding",
-                    f"embeddings must have {dim} values, got {a.shape[0]} and {b.shape[0]}",
-                )
-        except RequestError as err:
-            return self._http_error(err)
+        """Cosine similarity of two faces (``{"image", "landmarks"?}`` or ``{"crop"}``) or
+        embeddings (``{"embedding": [...]}``), and a same-person decision at ``threshold``."""
+        self._check_auth(request.headers.get("authorization"))
+        self._content_type(request, (_JSON,))
+        self.admission.check_open()
+        body = await self._read_body(request)
+        threshold, sides = await self._json_plan(body, self._plan_compare)
+        jobs = [job for job, _ in sides if job is not None]
+        vectors = iter((await self.embed(await self._crops(jobs)))[0]) if jobs else iter(())
+        a, b = (vec if vec is not None else next(vectors) for _, vec in sides)
+        dim = self.engine_info.embedding_dim
+        if a.shape != (dim,) or b.shape != (dim,):
+            raise RequestError(
+                422,
+                "bad_embedding",
+                f"embeddings must have {dim} values, got {a.shape[0]} and {b.shape[0]}",
+            )
         cosine = float(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))
         return JSONResponse(
             {"cosine": cosine, "same_person": cosine >= float(threshold), "threshold": float(threshold),
              **self._response_fields()}
         )
 
+    def _plan_compare(self, payload: Any):
+        if not isinstance(payload, dict) or "a" not in payload or "b" not in payload:
+            raise RequestError(
+                422, "bad_request", "body must be {\"a\": face, \"b\": face, \"threshold\"?}"
+            )
+        unknown = sorted(set(payload) - {"a", "b", "threshold", "contract"})
+        if unknown:
+            raise RequestError(422, "bad_request", f"unknown field(s) {unknown}; expected a, b, threshold, "
+                                                   "contract")
+        threshold = payload.get("threshold", self.settings.same_person_threshold)
+        if not (is_number(threshold) and -1 <= threshold <= 1):  # also refuses NaN
+            raise RequestError(
+                422, "bad_request", f"'threshold' must be a number in [-1, 1], got {threshold!r:.40}"
+            )
+        contract = payload.get("contract")
+        if contract is not None and not isinstance(contract, str):
+            raise RequestError(422, "bad_request",
+                               f"'contract' must be a string, got {type(contract).__name__}")
+        if contract is not None and contract != self.engine_info.contract:
+            raise RequestError(
+                409, "contract_mismatch",
+                f"embeddings of contract {contract!r:.80} cannot be compared in this service's space "
+                f"({self.engine_info.contract})",
+            )
+        sides = [plan_face_spec(payload[k], k, self.limits) for k in ("a", "b")]
+        total = sum(job.pixels for job, _ in sides if job is not None)
+        if total > self.limits.max_request_pixels:
+            raise RequestError(413, "request_too_large",
+                               f"the two images declare {total:,} pixels, more than the "
+                               f"{self.limits.max_request_pixels:,} decoded per request "
+                               "(max_request_megapixels)")
+        return threshold, sides
+
     @api.get("/v1/info")
     async def http_info(self, request: Request) -> Response:
         """Diagnostics: the engine (backend, model, precision, contract, fallback report),
         the batching settings in force and live batch statistics of this replica."""
-        try:
-            self._check_auth(request.headers.get("authorization"))
-        except RequestError as err:
-            return self._http_error(err)
+        self._check_auth(request.headers.get("authorization"))
         return JSONResponse(self.describe())
 
     @api.get("/healthz")
-    async def http_health(self) -> dict[str, Any]:
-        """Liveness (no auth): the replica is up and holds a started engine."""
+    async def http_health(self, request: Request) -> dict[str, Any]:
+        """Liveness, no auth needed: ``{"status": "ok"}``; what is serving (model, backend,
+        contract) only to an authorized caller, or to anyone when auth is off."""
+        if self.auth.enabled and not self.auth.check(request.headers.get("authorization")):
+            return {"status": "ok"}
         return {"status": "ok", **self._response_fields()}
 
     def describe(self) -> dict[str, Any]:
@@ -294,25 +335,20 @@ class EmbeddingDeployment:
                 "max_faces_per_request": self.limits.max_faces,
                 "max_body_bytes": self.limits.max_body_bytes,
                 "max_image_pixels": self.limits.max_image_pixels,
+                "max_request_pixels": self.limits.max_request_pixels,
                 "max_pending_faces": self.settings.max_pending_faces,
-                "pending_faces": self._pending_faces,
+                "pending_faces": self.admission.pending_faces,
+                "admission": self.admission.summary(),
+                "decode_queue": {"threads": self.settings.decode_threads, "running": self._decoder.running,
+                                 "waiting_requests": self._decoder.waiting_jobs},
                 "auth": self.auth.enabled,
             },
             "batch_stats": self.stats.summary(),
         }
 
-    # -- gRPC (method names are the RPC names) ----------------------------------------------
-    def _grpc_error(self, err: RequestError, grpc_context) -> None:
-        import grpc
-
-        codes = {401: grpc.StatusCode.UNAUTHENTICATED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 503: grpc.StatusCode.UNAVAILABLE}
-        self.metrics.reject(err.reason, "grpc")
-        grpc_context.set_code(codes.get(err.status, grpc.StatusCode.INVALID_ARGUMENT))
-        grpc_context.set_details(f"{err.reason}: {err.message}")
-
+    # -- gRPC (method names are the RPC names; requests arrive as raw bytes) -----------------
     def _grpc_auth(self, grpc_context) -> None:
-        metadata = dict(grpc_context.invocation_metadata())
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
         self._check_auth(metadata.get("authorization"))
 
     def _grpc_response(self, embeddings: np.ndarray, norms: np.ndarray) -> pb.EmbedResponse:
@@ -325,25 +361,28 @@ class EmbeddingDeployment:
             contract=fields["contract"], precision=fields["precision"],
         )
 
+    async def _grpc_embed(self, faces: list, crops: bytes) -> pb.EmbedResponse:
+        self.admission.check_open()
+        plan = plan_grpc_faces(faces, crops, self.limits)
+        crops_array = plan if isinstance(plan, np.ndarray) else await self._crops(plan)
+        return self._grpc_response(*(await self.embed(crops_array)))
+
+    @grpc_method(pb.EmbedRequest, pb.EmbedResponse)
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
-        try:
-            self._grpc_auth(grpc_context)
-            faces = await self._decode(decode_grpc_faces, [request.face], b"", self.limits)
-            return self._grpc_response(*(await self.embed(faces)))
-        except RequestError as err:
-            self._grpc_error(err, grpc_context)
-            return pb.EmbedResponse()
+        self._grpc_auth(grpc_context)
+        return await self._grpc_embed([request.face], b"")
 
+    @grpc_method(pb.EmbedBatchRequest, pb.EmbedResponse)
     async def EmbedBatch(self, request: pb.EmbedBatchRequest, grpc_context=None) -> pb.EmbedResponse:
-        try:
-            self._grpc_auth(grpc_context)
-            faces = await self._decode(decode_grpc_faces, list(request.faces), request.crops, self.limits)
-            return self._grpc_response(*(await self.embed(faces)))
-        except RequestError as err:
-            self._grpc_error(err, grpc_context)
-            return pb.EmbedResponse()
+        self._grpc_auth(grpc_context)
+        return await self._grpc_embed(list(request.faces), request.crops)
 
+    @grpc_method(pb.HealthRequest, pb.HealthResponse)
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        """Liveness; what is serving only to an authorized caller (as ``/healthz``)."""
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        if self.auth.enabled and not self.auth.check(metadata.get("authorization")):
+            return pb.HealthResponse(status="ok")
         fields = self._response_fields()
         return pb.HealthResponse(
             status="ok", backend=fields["backend"], model=fields["model"], contract=fields["contract"]

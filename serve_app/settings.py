@@ -34,8 +34,14 @@ class ServeAppSettings:
     max_faces_per_request: int = field(default=256, metadata={"min": 1})
     max_body_mb: float = field(default=16.0, metadata={"min": 0.001})
     max_image_megapixels: float = field(default=40.0, metadata={"min": 0.0126})  # >= one 112x112 crop
+    # declared pixels of all images of one request, summed: the request's decode work
+    max_request_megapixels: float = field(default=100.0, metadata={"min": 0.0126})
     max_pending_faces: int = field(default=4096, metadata={"min": 1})
+    # longest wait for the engine (and for a decode thread) before a request gets 503
+    max_queue_wait_s: float = field(default=0.25, metadata={"min": 0.001, "max": 60.0})
+    retry_after_s: int = field(default=1, metadata={"min": 1, "max": 3600})  # Retry-After of 503s
     same_person_threshold: float = field(default=0.4, metadata={"min": -1.0, "max": 1.0})
+    require_auth: bool = False  # refuse to start without a token
     auth_token_env: str = "ARCFACE_SERVE_TOKEN"
     auth_token_file: str | None = None
     decode_threads: int = field(default=2, metadata={"min": 1})
@@ -57,6 +63,8 @@ class TokenAuth:
 
     @classmethod
     def from_settings(cls, settings: ServeAppSettings) -> TokenAuth:
+        """The token of ``auth_token_file`` or ``$<auth_token_env>``; with ``require_auth``,
+        no token is a ``ConfigError`` (the replica does not start) instead of auth off."""
         if settings.auth_token_file:
             path = Path(os.path.expanduser(settings.auth_token_file))
             try:
@@ -66,7 +74,14 @@ class TokenAuth:
             if not token:
                 raise ConfigError(f"auth_token_file {path} is empty")
             return cls(token)
-        return cls(os.environ.get(settings.auth_token_env) or None)
+        auth = cls(os.environ.get(settings.auth_token_env, "").strip() or None)
+        if settings.require_auth and not auth.enabled:
+            raise ConfigError(
+                f"require_auth is true but there is no token: ${settings.auth_token_env} is unset or "
+                "empty in this replica's environment and auth_token_file is not set; set one of them "
+                "(the service refuses to start without auth rather than serve everyone)"
+            )
+        return auth
 
     @property
     def enabled(self) -> bool:

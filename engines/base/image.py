@@ -106,11 +106,12 @@ def declared_pixels(data: bytes, fmt: str) -> tuple[int, bool]:
     return int(width) * int(height), True
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """``data`` (an encoded JPEG, PNG, WebP, BMP or TIFF) -> ``(H, W, 3)`` uint8 BGR.
+def check_image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int]:
+    """Rules 1 and 2 without decoding: ``(format, declared width x height)`` of ``data``.
 
-    Raises ``ImageRejected`` naming why: not an allowed format, more than ``max_pixels``
-    declared, or undecodable. Messages carry no position (callers add "images[3]: ...").
+    Raises ``ImageRejected`` exactly as ``decode_image`` would before it decodes a pixel, so a
+    caller can sum what a whole batch of files declares (a per-request decode budget) before
+    paying for any of them. Costs a header parse: microseconds, whatever the declared size.
     """
     if not data:
         raise ImageRejected("not_an_image", "empty: 0 bytes")
@@ -132,6 +133,16 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             f"the {fmt.upper()} image declares {'' if exact else 'more than '}{pixels:,} pixels; "
             f"at most {max_pixels:,} are decoded",
         )
+    return fmt, pixels
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """``data`` (an encoded JPEG, PNG, WebP, BMP or TIFF) -> ``(H, W, 3)`` uint8 BGR.
+
+    Raises ``ImageRejected`` naming why: not an allowed format, more than ``max_pixels``
+    declared, or undecodable. Messages carry no position (callers add "images[3]: ...").
+    """
+    fmt, _ = check_image_header(data, max_pixels)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as exc:  # some crafted BMP / TIFF headers raise instead of returning None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serve_app/protos/embedding.proto\x12\narcface.v1\"(\n\x04\x46\x61\x63\x65\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tlandmarks\x18\x02 \x03(\x02\".\n\x0c\x45mbedRequest\x12\x1e\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x10.arcface.v1.Face\"C\n\x11\x45mbedBatchRequest\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x10.arcface.v1.Face\x12\r\n\x05\x63rops\x18\x02 \x01(\x0c\")\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0c\n\x04norm\x18\x02 \x01(\x02\"\x8c\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.arcface.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x63ontract\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\"R\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x63ontract\x18\x04 \x01(\t2\xd9\x01\n\x10\x45mbeddingService\x12<\n\x05\x45mbed\x12\x18.arcface.v1.EmbedRequest\x1a\x19.arcface.v1.EmbedResponse\x12\x46\n\nEmbedBatch\x12\x1d.arcface.v1.EmbedBatchRequest\x1a\x19.arcface.v1.EmbedResponse\x12?\n\x06Health\x12\x19.arcface.v1.HealthRequest\x1a\x1a.arcface.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serve_app/protos/embedding.proto\x12\narcface.v1\"6\n\x04\x46\x61\x63\x65\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tlandmarks\x18\x02 \x03(\x02\x12\x0c\n\x04\x63rop\x18\x03 \x01(\x0c\".\n\x0c\x45mbedRequest\x12\x1e\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x10.arcface.v1.Face\"C\n\x11\x45mbedBatchRequest\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x10.arcface.v1.Face\x12\r\n\x05\x63rops\x18\x02 \x01(\x0c\")\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0c\n\x04norm\x18\x02 \x01(\x02\"\x8c\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.arcface.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x63ontract\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\"R\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x63ontract\x18\x04 \x01(\t2\xd9\x01\n\x10\x45mbeddingService\x12<\n\x05\x45mbed\x12\x18.arcface.v1.EmbedRequest\x1a\x19.arcface.v1.EmbedResponse\x12\x46\n\nEmbedBatch\x12\x1d.arcface.v1.EmbedBatchRequest\x1a\x19.arcface.v1.EmbedResponse\x12?\n\x06Health\x12\x19.arcface.v1.HealthRequest\x1a\x1a.arcface.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serve_app.protos.embedding_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FACE']._serialized_start=48
-  _globals['_FACE']._serialized_end=88
-  _globals['_EMBEDREQUEST']._serialized_start=90
-  _globals['_EMBEDREQUEST']._serialized_end=136
-  _globals['_EMBEDBATCHREQUEST']._serialized_start=138
-  _globals['_EMBEDBATCHREQUEST']._serialized_end=205
-  _globals['_EMBEDDING']._serialized_start=207
-  _globals['_EMBEDDING']._serialized_end=248
-  _globals['_EMBEDRESPONSE']._serialized_start=251
-  _globals['_EMBEDRESPONSE']._serialized_end=391
-  _globals['_HEALTHREQUEST']._serialized_start=393
-  _globals['_HEALTHREQUEST']._serialized_end=408
-  _globals['_HEALTHRESPONSE']._serialized_start=410
-  _globals['_HEALTHRESPONSE']._serialized_end=492
-  _globals['_EMBEDDINGSERVICE']._serialized_start=495
-  _globals['_EMBEDDINGSERVICE']._serialized_end=712
+  _globals['_FACE']._serialized_end=102
+  _globals['_EMBEDREQUEST']._serialized_start=104
+  _globals['_EMBEDREQUEST']._serialized_end=150
+  _globals['_EMBEDBATCHREQUEST']._serialized_start=152
+  _globals['_EMBEDBATCHREQUEST']._serialized_end=219
+  _globals['_EMBEDDING']._serialized_start=221
+  _globals['_EMBEDDING']._serialized_end=262
+  _globals['_EMBEDRESPONSE']._serialized_start=265
+  _globals['_EMBEDRESPONSE']._serialized_end=405
+  _globals['_HEALTHREQUEST']._serialized_start=407
+  _globals['_HEALTHREQUEST']._serialized_end=422
+  _globals['_HEALTHRESPONSE']._serialized_start=424
+  _globals['_HEALTHRESPONSE']._serialized_end=506
+  _globals['_EMBEDDINGSERVICE']._serialized_start=509
+  _globals['_EMBEDDINGSERVICE']._serialized_end=726
 # @@protoc_insertion_point(module_scope)

@@ -62,7 +62,7 @@ class EmbeddingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EmbedBatch(self, request, context):
-        """Many faces in one call: encoded images, or one raw (N, 112, 112, 3) uint8 tensor.
+        """Many faces in one call: encoded images or raw crops, or one raw (N, 112, 112, 3) uint8 tensor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -212,15 +212,33 @@ def test_rayservice_serves_the_application_of_config_serve_yaml():
     local = leaves(load(REPO / "config" / "serve.yaml"))
     gpu = leaves(served)
     dep = "applications[arcface].deployments[EmbeddingDeployment]"
+    args = "applications[arcface].args"
     changed = {k for k in local.keys() | gpu.keys() if local.get(k) != gpu.get(k)}
-    # the same application; a GPU cluster differs in exactly these two settings
-    assert changed == {f"{dep}.ray_actor_options.num_gpus", f"{dep}.autoscaling_config.max_replicas"}
+    # the same application; a GPU cluster differs in exactly these settings: reachable from the
+    # network, so auth is required (the token file every node mounts), and a GPU per replica
+    assert changed == {f"{dep}.ray_actor_options.num_gpus", f"{dep}.autoscaling_config.max_replicas",
+                       "http_options.host", f"{args}.require_auth", f"{args}.auth_token_file",
+                       # sized for a GPU's speed: a tighter queue bound, more requests reaching it
+                       f"{args}.max_queue_wait_s", f"{dep}.max_ongoing_requests"}
+    assert gpu[f"{args}.max_queue_wait_s"] < local[f"{args}.max_queue_wait_s"]
+    assert gpu["http_options.host"] == "0.0.0.0" and local["http_options.host"] == "127.0.0.1"
+    assert gpu[f"{args}.require_auth"] is True and local[f"{args}.require_auth"] is False
     assert gpu[f"{dep}.ray_actor_options.num_gpus"] == 1
     gpu_group = cluster_spec(manifest)["workerGroupSpecs"][0]
     assert gpu[f"{dep}.autoscaling_config.max_replicas"] <= gpu_group["maxReplicas"]
     head = containers(cluster_spec(manifest)["headGroupSpec"]["template"])[0]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert (ports["serve"], ports["grpc"]) == (served["http_options"]["port"], served["grpc_options"]["port"])
+    # the token file the replicas read: a Secret mounted where auth_token_file points (~ of user ray)
+    token_file = gpu[f"{args}.auth_token_file"]
+    for template in (cluster_spec(manifest)["headGroupSpec"]["template"], gpu_group["template"]):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for container in containers(template):
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            mount = mounts["/home/ray/.arcface"]
+            assert token_file == "~/.arcface/serve_token" and mount["readOnly"] is True
+            assert volumes[mount["name"]]["secret"]["secretName"] == "arcface-serve-token"
+    assert load(LAUNCHER)["file_mounts"]["~/.arcface/serve_token"] == "~/.arcface/serve_token"
 
 
 def run_sync(*args: str) -> subprocess.CompletedProcess:

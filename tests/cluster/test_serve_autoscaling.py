@@ -175,7 +175,9 @@ def test_serve_scales_out_onto_new_gpu_nodes_and_back_in(fake_cluster, tmp_path)
         None, http_host="127.0.0.1", http_port=http_port, grpc_port=free_port(),
         # A GPU cluster's settings: TensorRT first. The fake GPU nodes have no device,
         # so every replica must fall back to the onnx backend on the CPU, cleanly.
-        app_args={"model": "synthetic:mobilefacenet", "backend": "tensorrt"},
+        # max_queue_wait_s: every request of the load is served (503s would only thin the load
+        # the autoscaler reacts to; the bound itself is tested in tests/serve_app).
+        app_args={"model": "synthetic:mobilefacenet", "backend": "tensorrt", "max_queue_wait_s": 30},
         deployment={
             "autoscaling_config": AUTOSCALING,
             "ray_actor_options": {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "A10G"},

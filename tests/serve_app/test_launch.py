@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 from support import free_port
 
-from serve_app.launch import load_serve_config
+from engines import EngineError
+from serve_app.launch import check_ports_free, controller_options, load_serve_config, proxy_env
+from serve_app.proxy_hooks import GRPC_SERVICER, HTTP_CALLBACK
 from serve_app.settings import parse_settings, parse_user_config
 
 
@@ -18,13 +22,72 @@ def test_serve_yaml_is_a_valid_serve_deploy_config():
     config = load_serve_config()
     app = config.applications[0]
     assert app.import_path == "serve_app.app:build_app"
-    parse_settings(app.args)  # our own args are typed too
+    settings = parse_settings(app.args)  # our own args are typed too
     dep = app.deployments[0]
     parse_user_config(dep.user_config)
     assert dep.max_ongoing_requests >= dep.user_config["max_batch_size"]
-    assert config.grpc_options.grpc_servicer_functions == [
-        "serve_app.protos.embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server"
-    ]
+    assert config.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
+    # loopback unless a cluster config says otherwise (cluster/ binds 0.0.0.0 and requires auth)
+    assert config.http_options.host == "127.0.0.1" and settings.require_auth is False
+    # every 503 of Serve's proxy carries Retry-After, as ours do
+    assert dep.backpressure_config.retry_after_s == settings.retry_after_s
+
+
+def test_the_proxy_environment_travels_with_the_config():
+    """What Serve's proxies read at start: our error-shape middleware and a gRPC message limit
+    equal to max_body_mb (checked against the file, which `serve deploy` and KubeRay use as is)."""
+    config = load_serve_config()
+    env = config.controller_options.runtime_env["env_vars"]
+    body = int(parse_settings(config.applications[0].args).max_body_mb * (1 << 20))
+    assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(body)
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == HTTP_CALLBACK
+    assert proxy_env(config) == env
+    module, name = HTTP_CALLBACK.split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    module, name = GRPC_SERVICER.rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(module), name))
+    # a config without controller_options gets the same from launch (the largest max_body_mb)
+    bare = load_serve_config(app_args={"max_body_mb": 2})
+    bare = bare.model_copy(update={"controller_options": None})
+    opts = controller_options(bare)["runtime_env"]["env_vars"]
+    assert opts["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(2 << 20)
+    assert opts["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == HTTP_CALLBACK
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_a_taken_port_is_refused_before_serve_starts(kind):
+    """Serve's proxy binds with SO_REUSEPORT: a second service on a taken port would start and
+    share it. The check sees a listener that set SO_REUSEPORT itself (as Serve's does)."""
+    listener = socket.socket(socket.AF_INET6 if kind == "grpc" else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.bind(("::" if kind == "grpc" else "127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        ports = {"http_port": port, "grpc_port": free_port()} if kind == "http" else {
+            "http_port": free_port(), "grpc_port": port}
+        config = load_serve_config(http_host="127.0.0.1", **ports)
+        name = "HTTP" if kind == "http" else "gRPC"
+        with pytest.raises(EngineError, match=rf"{name} port {port} .*not free \(in use\).*SO_REUSEPORT"):
+            check_ports_free(config)
+    finally:
+        listener.close()
+    check_ports_free(config)  # free again
+
+
+def test_arcface_serve_exits_with_a_clear_message_on_a_taken_port():
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "engines", "serve", "--http-port", str(port),
+             "--grpc-port", str(free_port()), "--exit-after", "1"],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"HTTP port {port} on 127.0.0.1 is not free" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_overrides_and_bad_files(tmp_path):
@@ -56,3 +119,28 @@ def test_bench_serve_starts_the_service_from_config_and_measures_it():
     assert out["latency_ms_p99"] >= out["latency_ms_p50"] > 0
     assert out["observed_mean_batch_faces"] >= 2
     assert out["inprocess_fps"] > 0 and out["ratio_to_inprocess"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_overload_measures_503s_latency_and_recovery():
+    env = {**os.environ, "ARCFACE_MODEL": "synthetic:mobilefacenet", "ARCFACE_BACKEND": "onnx"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "engines", "bench-overload", "--start", "--replicas", "1",
+         "--http-port", str(free_port()), "--factors", "2,4", "--duration", "2", "--repeat", "2",
+         "--calibrate", "2", "--capacity-clients", "8", "--recovery-timeout", "30", "--json"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["unloaded"]["p99_ms"] >= out["unloaded"]["p50_ms"] > 0
+    assert out["capacity"]["requests_per_s"] > 0 and not out["capacity"]["given"]
+    assert [(p["factor"], p["repeat"]) for p in out["points"]] == [(2, 0), (4, 0), (2, 1), (4, 1)]
+    for point in out["points"]:
+        assert point["sent"] > 0 and point["offered_rps"] == pytest.approx(
+            point["factor"] * out["capacity"]["requests_per_s"])
+        assert 0 <= point["rate_503"] <= 1 and sum(point["statuses"].values()) == point["sent"]
+        assert point["errors_not_our_shape"] == 0 and point["rejections_without_retry_after"] == 0
+        assert point["recovery_s"] is not None
+    assert set(out["summary"]) == {"x2", "x4"} and out["summary"]["x2"]["rate_503"]["missing"] == 0
+    assert out["engine"]["backend"] == "onnx" and out["cpu"]

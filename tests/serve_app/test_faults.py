@@ -1,0 +1,205 @@
+"""kill -9 of a replica and of the proxy under load: what the requests in flight get, and how
+long until the service answers again. The service runs as `arcface serve` in its own process
+with its own Ray, so the processes killed here are ones this test started (found among that
+process's descendants, never by name alone).
+
+The measured times are printed (``pytest -s``) and written to ``$ARCFACE_FAULTS_JSON`` when
+set; README "Faults and recovery" quotes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import requests
+import yaml
+from support import free_port
+
+from serve_app.codec import NPY_MEDIA_TYPE, encode_npy
+from serve_app.launch import DEFAULT_SERVE_CONFIG
+from serve_app.protos import embedding_pb2 as pb
+from serve_app.protos import embedding_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NPY = {"content-type": NPY_MEDIA_TYPE}
+RESULTS: dict[str, dict] = {}
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen
+    http: str
+    grpc: str
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def own(self, pid: int) -> psutil.Process:
+        """``pid`` if it is one of this service's processes; fails the test otherwise."""
+        for child in self.descendants():
+            if child.pid == pid:
+                return child
+        pytest.fail(f"pid {pid} is not a process of the service this test started")
+
+    def proxy(self) -> psutil.Process:
+        found = [p for p in self.descendants() if "ProxyActor" in " ".join(p.cmdline())]
+        assert len(found) == 1, [p.cmdline() for p in found]
+        return found[0]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> Service:
+    """`arcface serve` on free ports: one replica of the mobilefacenet engine, a queue wait long
+    enough that the requests sent here are admitted even on a busy host (they must be in flight
+    when the kill comes; after a proxy kill the replica still runs what it admitted)."""
+    config = yaml.safe_load(DEFAULT_SERVE_CONFIG.read_text())
+    app = config["applications"][0]
+    app["args"].update({"model": "synthetic:mobilefacenet", "backend": "onnx", "max_queue_wait_s": 30})
+    dep = app["deployments"][0]
+    dep.pop("autoscaling_config")
+    dep.update({"num_replicas": 1, "health_check_period_s": 2})
+    path = tmp_path_factory.mktemp("faults") / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    http_port, grpc_port = free_port(), free_port()
+    log = open(path.parent / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, never ours
+    proc = subprocess.Popen([sys.executable, "-m", "engines", "serve", "--config", str(path),
+                             "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    svc = Service(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    try:
+        deadline = time.monotonic() + 240
+        while not _answers(svc):
+            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "service not up: " + Path(log.name).read_text()[-3000:]
+            time.sleep(1)
+        yield svc
+    finally:
+        proc.send_signal(signal.SIGINT)  # arcface serve shuts Serve and its Ray down
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+            proc.wait(30)
+        log.close()
+        out = os.environ.get("ARCFACE_FAULTS_JSON")
+        if out and RESULTS:
+            Path(out).write_text(json.dumps(RESULTS, indent=2))
+
+
+def _answers(svc: Service, faces: np.ndarray | None = None) -> bool:
+    body = encode_npy(np.zeros((1, 112, 112, 3), np.uint8) if faces is None else faces[:1])
+    try:
+        return requests.post(svc.http + "/v1/embed", data=body, headers=NPY, timeout=10).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _recovery_s(svc: Service, since: float, faces, timeout_s: float = 180) -> float:
+    while time.monotonic() - since < timeout_s:
+        if _answers(svc, faces):
+            return time.monotonic() - since
+        time.sleep(0.2)
+    pytest.fail(f"no answer {timeout_s:.0f} s after the kill")
+
+
+def _load(svc: Service, faces: np.ndarray, kill, n: int = 12):
+    """``n`` requests of 64 faces in flight (HTTP, and one gRPC), ``kill()`` half a second in
+    (together a few seconds of engine work: within max_queue_wait_s, so admitted)."""
+    heavy = encode_npy(np.repeat(faces, 4, axis=0)[:64])
+
+    def http(_):
+        try:
+            resp = requests.post(svc.http + "/v1/embed", data=heavy, headers=NPY, timeout=120)
+            return resp.status_code, resp
+        except requests.RequestException as exc:
+            return type(exc).__name__, None
+
+    def grpc_call():
+        with grpc.insecure_channel(svc.grpc) as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            try:
+                stub.EmbedBatch(pb.EmbedBatchRequest(crops=np.repeat(faces, 4, axis=0)[:64].tobytes()),
+                                metadata=(("application", "arcface"),), timeout=120)
+                return "OK", ""
+            except grpc.RpcError as err:
+                return err.code().name, err.details()
+
+    with ThreadPoolExecutor(n + 1) as pool:
+        https = [pool.submit(http, i) for i in range(n)]
+        rpc = pool.submit(grpc_call)
+        time.sleep(0.5)
+        killed_at = kill()
+        return [f.result() for f in https], rpc.result(), killed_at
+
+
+def test_kill_9_of_the_replica_answers_its_requests_503_and_recovers(service, faces):
+    pid = requests.get(service.http + "/v1/info", timeout=30).json()["service"]["pid"]
+    replica = service.own(pid)
+
+    def kill():
+        replica.send_signal(signal.SIGKILL)
+        return time.monotonic()
+
+    answers, rpc, killed_at = _load(service, faces, kill)
+    recovery = _recovery_s(service, killed_at, faces)
+    codes = [code for code, _ in answers]
+    assert set(codes) <= {200, 503}, codes  # never a 500, never a dropped connection
+    reasons = [resp.json()["error"]["reason"] for code, resp in answers if code == 503]
+    assert "replica_unavailable" in reasons, f"nothing was in flight when the replica died: {reasons}"
+    for code, resp in answers:
+        if code == 503:  # in flight on the dead replica, or refused at admission before the kill
+            assert resp.headers["content-type"] == "application/json"
+            assert int(resp.headers["retry-after"]) >= 1
+            assert resp.json()["error"]["reason"] in ("replica_unavailable", "overloaded"), resp.text
+            for leak in ("Traceback", "pid", "ray::", "RayActorError", ".py"):
+                assert leak not in resp.text
+    assert rpc[0] in ("OK", "UNAVAILABLE"), rpc
+    if rpc[0] == "UNAVAILABLE":
+        assert rpc[1].startswith(("replica_unavailable: ", "unavailable: ", "overloaded: ")), rpc
+    outcomes = Counter(f"{c} {r.json()['error']['reason']}" if c == 503 else str(c) for c, r in answers)
+    RESULTS["replica"] = {"in_flight": dict(outcomes),
+                          "grpc_in_flight": rpc[0], "recovery_s": round(recovery, 1)}
+    print(f"\nkill -9 replica: in flight {RESULTS['replica']['in_flight']}, gRPC {rpc[0]}, "
+          f"answering again after {recovery:.1f} s")
+    new_pid = requests.get(service.http + "/v1/info", timeout=30).json()["service"]["pid"]
+    assert new_pid != pid
+
+
+def test_kill_9_of_the_proxy_drops_its_connections_and_recovers(service, faces):
+    proxy = service.proxy()
+
+    def kill():
+        proxy.send_signal(signal.SIGKILL)
+        return time.monotonic()
+
+    answers, rpc, killed_at = _load(service, faces, kill)
+    recovery = _recovery_s(service, killed_at, faces)
+    codes = [str(code) for code, _ in answers]
+    # the process holding those connections is gone: nothing can answer them (a client retries);
+    # a 503 is a refusal at admission before the kill
+    assert set(codes) <= {"200", "503", "ConnectionError", "ChunkedEncodingError"}, codes
+    assert any(code.endswith("Error") for code in codes), f"nothing was in flight: {codes}"
+    for code, resp in answers:
+        if code == 503:
+            assert resp.json()["error"]["reason"] == "overloaded", resp.text
+    assert rpc[0] in ("OK", "UNAVAILABLE"), rpc
+    RESULTS["proxy"] = {"in_flight": dict(Counter(codes)), "grpc_in_flight": rpc[0],
+                        "recovery_s": round(recovery, 1)}
+    print(f"\nkill -9 proxy: in flight {RESULTS['proxy']['in_flight']}, gRPC {rpc[0]}, "
+          f"answering again after {recovery:.1f} s")
+    assert service.proxy().pid != proxy.pid
