@@ -14,7 +14,7 @@ EMBED_HELP = "offline job: embed every face of many episodes (Ray Data)"
 def cmd_embed_episodes(args: argparse.Namespace) -> int:
     """Parse the job's own arguments now: its parser lives in ``embed_episodes``, which imports
     Ray Data, and only this command may pay for that (see ``_add_embed``)."""
-    from .job_args import build_parser, run_from_args
+    from .embed_episodes import build_parser, run_from_args
 
     parser = build_parser(argparse.ArgumentParser(prog="arcface embed-episodes", description=EMBED_HELP))
     return run_from_args(parser.parse_args(args.job_args))

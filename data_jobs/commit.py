@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from engines import EngineError
 
 from .columns import ERROR_COLUMNS, ROW_COLUMNS
-from .ids import require_safe_id
+from .partitions import partition
 from .quality import TemplatePolicy, counted_crops, track_templates
 from .staging import delete_staged, read_staged, staged_files
 from .storage import (
@@ -73,11 +73,6 @@ class EpisodeResult:
     errors: int
     tracks: int
     embedded: int  # rows of ``rows`` embedded by this run (not staged by an earlier one)
-
-
-def partition(output: Location, table: str, episode: str) -> Location:
-    """``<out>/<table>/episode_id=<episode>``, for a safe episode id only."""
-    return output.join(table, f"episode_id={require_safe_id(episode)}")
 
 
 def success_path(output: Location, episode: str) -> Location:

@@ -12,7 +12,8 @@ logger = logging.getLogger(__name__)
 
 
 def demo_step(cfg, model, workdir) -> dict[str, Any]:
-    from .embed_episodes import JobSpec, format_report, run_job
+    from .embed_episodes import format_report
+    from .job import JobSpec, run_job
     from .reader import read_committed
     from .sample import make_sample_episodes
     from .settings import load_job_settings

@@ -1,435 +1,168 @@
-"""Offline episode embedding on Ray Data.
+"""The episode job's command line: arguments -> ``JobSpec``, the report, exit codes.
 
-    python -m data_jobs.embed_episodes --input I --output O [--backend B] [--model M] [--lance URI]
-    ray job submit --working-dir . -- python -m data_jobs.embed_episodes --input ... --output ...
-
-Plan: index the input (driver, ids only: no image bytes, no pass-through values) -> skip
-committed episodes and already-staged rows -> read -> decode/align (CPU tasks) -> embed
-(actor pool, ``compute=ActorPoolStrategy``, ``num_gpus`` per actor) -> stage (distributed
-writes) while each episode whose rows are all staged is committed by a Ray task
-(``scheduler.py``, ``commit.py``), and optionally appended to a Lance store
-(``lance_store.py``). See ``commit.py`` for the output layout and why a crash or a killed
-worker loses and duplicates nothing. The driver holds the index and per-episode counts;
-no row, crop or vector passes through it.
-
-With ``RAY_ADDRESS`` set (``ray job submit`` sets it) the driver joins that
-cluster; otherwise it starts a local one. Clusters with token auth need
-nothing more: the job's driver inherits the credentials.
+``python -m data_jobs.embed_episodes`` and ``arcface embed-episodes`` both end here. Flags
+override ``config/episodes.yaml``; the ``--inject-*`` and ``--record-actors-dir`` flags are
+test hooks (fault injection and tracing) and are not shown in ``--help``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
-import os
-import resource
 import sys
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+from engines import ConfigError, load_config, run_with_exit_codes
 
-from engines import ConfigError, configured_model, load_config, model_contract
-
-from .commit import CommitRequest, EpisodeResult, committed_episodes
-from .decode import DecodeLimits
-from .progress import Progress
-from .quality import TemplatePolicy
-from .scheduler import CommitScheduler
-from .settings import EpisodeJobSettings
-from .sources import InputIndex, discover, make_uid
-from .staging import STAGING_DIR, StagedEpisode, StagingDatasink, list_staged, remove_staging, staged_files
-from .storage import Location, check_output_dir, delete_files, list_files, locate, orphan_tmp_files
-
-logger = logging.getLogger("data_jobs.embed_episodes")
-
-EMBEDDING_DIM = 512  # the contract's dimension, where the graph does not state it
+from .job import JobReport, JobSpec, _engine_overrides, inprocess_reference, run_job
+from .job import __doc__ as JOB_DOC
+from .settings import load_job_settings
+from .sources import discover
+from .storage import locate
 
 
-@dataclass
-class JobReport:
-    input: str
-    output: str
-    episodes: int
-    episodes_skipped: int
-    episodes_committed: int
-    inputs: int
-    rows_processed: int
-    faces: int  # rows committed by this run (some may have been embedded by an earlier, crashed one)
-    faces_embedded: int  # rows embedded by this run: what faces_per_s counts
-    failures: int
-    seconds: float
-    faces_per_s: float
-    engine: dict[str, Any] = field(default_factory=dict)
-    driver_peak_rss_mb: float = 0.0  # this process's peak resident memory (ru_maxrss)
-    lance: dict[str, Any] | None = None  # the store: uri, episodes appended / backfilled, tracks indexed
-    inprocess_fps: float | None = None
-    ratio_to_inprocess: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    input: str
-    output: str
-    embedding_config: str | None = None
-    backend: str | None = None
-    model: str | None = None
-    device: str | None = None
-    settings: EpisodeJobSettings = field(default_factory=EpisodeJobSettings)
-    fault: dict[str, Any] = field(default_factory=dict)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size, MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _ensure_ray(settings: EpisodeJobSettings) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(include_dashboard=False, object_store_memory=512 << 20)
-    # also when a caller (the demo, a notebook) started Ray: the job's own stall timeout applies
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_no_progress_timeout_s = settings.execution_no_progress_timeout_s
-
-
-def _engine_overrides(spec: JobSpec) -> dict[str, Any]:
-    return {"embedding.backend": spec.backend, "embedding.model": spec.model, "embedding.device": spec.device}
-
-
-def _check_output_contract(committed: dict[str, dict], contract: str, output: str) -> None:
-    other = {ep: m.get("contract") for ep, m in committed.items() if m.get("contract") != contract}
-    if other:
-        ep, theirs = next(iter(other.items()))
-        raise ConfigError(
-            f"output {output} already holds episodes of embedding contract {theirs} (e.g. {ep}); this run "
-            f"would write contract {contract} (another model or preprocessing). Vectors of different "
-            "contracts must not be mixed: use a new --output"
-        )
-
-
-def _check_staged_contract(staged: dict[str, StagedEpisode], contract: str, output: str) -> None:
-    """Staging of an interrupted run with another model: committing would mix its vectors with this
-    run's (or wedge on them); say how to finish or drop it instead."""
-    other = {ep: s.contracts for ep, s in staged.items() if set(s.contracts) - {contract}}
-    if not other:
-        return
-    ep, contracts = next(iter(other.items()))
-    theirs, model_id = next((c, m) for c, m in contracts.items() if c != contract)
-    raise ConfigError(
-        f"output {output} holds rows staged by an interrupted run and not committed yet ({len(other)} "
-        f"episode(s), e.g. {ep}) of embedding contract {theirs} (model id {model_id}); this run would write "
-        f"contract {contract}. Finish that run first (re-run it with the same --model and --config), or "
-        f"delete {output}/_staging to drop its uncommitted rows, or use a new --output"
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(
+        prog="python -m data_jobs.embed_episodes",
+        description=JOB_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-
-@dataclass(frozen=True)
-class Exclusions:
-    """Rows this run does not read: those of committed episodes, and rows already staged."""
-
-    episodes: pa.Array
-    uids: pa.Array
-
-    @classmethod
-    def of(cls, done_episodes: set[str], staged: dict[str, StagedEpisode]) -> Exclusions:
-        uids = sorted(set().union(*(s.uids for s in staged.values())))
-        return cls(pa.array(sorted(done_episodes), pa.string()), pa.array(uids, pa.string()))
-
-    def keep(self, table: pa.Table) -> pa.Table:
-        if len(self.episodes):
-            table = table.filter(pc.invert(pc.is_in(table["episode_id"], self.episodes)))
-        if len(self.uids):
-            table = table.filter(pc.invert(pc.is_in(table["uid"], self.uids)))
-        return table
-
-
-def _slices(table: pa.Table, rows: int, max_blocks: int = 256) -> list[pa.Table]:
-    """The index cut into blocks of about ``rows`` rows: decode tasks start on the first
-    block at once, where ``repartition`` would first shuffle the whole index."""
-    size = max(rows, -(-table.num_rows // max_blocks))
-    return [table.slice(i, size) for i in range(0, table.num_rows, size)] or [table]
-
-
-def _with_uid(batch: pa.Table, exclusions: Exclusions, pass_through: pa.Schema) -> pa.Table:
-    """A manifest block: ids as strings, ``uid``, every pass-through column (typed as the manifest's
-    unified schema, null where this file lacks it), and only the rows this run reads."""
-    for col in ("episode_id", "track_id", "frame"):
-        batch = batch.set_column(batch.schema.get_field_index(col), col, pc.cast(batch[col], pa.string()))
-    batch = batch.append_column("uid", make_uid(batch["episode_id"], batch["track_id"], batch["frame"]))
-    for f in pass_through:
-        if f.name not in batch.column_names:
-            batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
-        elif batch.schema.field(f.name).type != f.type:
-            batch = batch.set_column(batch.schema.get_field_index(f.name), f, batch[f.name].cast(f.type))
-    return exclusions.keep(batch)
-
-
-def _source_dataset(index: InputIndex, exclusions: Exclusions, settings: EpisodeJobSettings):
-    """The rows to embed, as a Ray dataset. Directory layout: the driver's index (ids and paths).
-    Manifest: read on the cluster, so image bytes and pass-through values never reach the driver."""
-    import ray
-
-    if index.kind == "directory":
-        return ray.data.from_arrow(_slices(exclusions.keep(index.table), settings.decode_batch_size)), None
-    base = index.location.path if not index.location.path.endswith(".parquet") else (
-        index.location.path.rsplit("/", 1)[0]
+    p.add_argument("--input", required=True, help="episodes directory or Parquet manifest (local or s3://)")
+    p.add_argument("--output", required=True, help="output directory (local or s3://)")
+    p.add_argument("--config", help="embedding config (default $ARCFACE_CONFIG or config/embedding.yaml)")
+    p.add_argument("--job-config", help="episode job config (default config/episodes.yaml)")
+    p.add_argument("--backend", help="override embedding.backend")
+    p.add_argument("--model", help="override embedding.model")
+    p.add_argument("--device", help="override embedding.device")
+    p.add_argument("--concurrency", help="actor pool size MIN,MAX (or N)")
+    p.add_argument("--batch-size", type=int, help="faces per EmbedActor call")
+    p.add_argument("--num-gpus", type=float, help="GPUs per EmbedActor")
+    p.add_argument("--accelerator-type", help="GPU type per EmbedActor (Ray accelerator_type, e.g. A10G)")
+    p.add_argument(
+        "--lance",
+        metavar="URI",
+        help="also write a Lance vector store here (local or s3://; episodes.lance_uri)",
     )
-    ds = ray.data.read_parquet(list(index.manifest_files), filesystem=index.location.fs)
-    ds = ds.map_batches(_with_uid, batch_format="pyarrow", num_cpus=settings.decode_num_cpus,
-                        fn_kwargs={"exclusions": exclusions, "pass_through": index.pass_through})
-    # A Parquet row group is one read block (a whole episode, often): split it, streaming,
-    # so decode tasks run side by side and the actors get crops while the rest decodes.
-    return ds.repartition(target_num_rows_per_block=8 * settings.decode_batch_size), base
-
-
-def _s3_settings(cfg) -> dict[str, str | None]:
-    return {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
-
-
-def run_pipeline(spec: JobSpec, index: InputIndex, exclusions: Exclusions, output: Location, cfg,
-                 tracker: Any = None) -> None:
-    from ray.data import ActorPoolStrategy
-
-    from .decode import decode_table
-    from .embed_actor import EmbedActor
-
-    s = spec.settings
-    ds, base = _source_dataset(index, exclusions, s)
-    ds = ds.map_batches(
-        decode_table,
-        batch_format="pyarrow",
-        batch_size=s.decode_batch_size,
-        num_cpus=s.decode_num_cpus,
-        fn_kwargs={"filesystem": index.location.fs, "base": base, "s3": _s3_settings(cfg),
-                   "limits": DecodeLimits.of(s)},
+    p.add_argument(
+        "--min-quality", type=float, help="episodes.min_quality: least norm that counts in a template"
     )
-    fault = spec.fault
-    ds = ds.map_batches(
-        EmbedActor,
-        batch_format="pyarrow",
-        batch_size=s.batch_size,
-        compute=ActorPoolStrategy(
-            min_size=s.actors_min,
-            max_size=s.actors_max,
-            max_tasks_in_flight_per_actor=s.max_tasks_in_flight_per_actor,
-        ),
-        num_gpus=s.actor_num_gpus,
-        num_cpus=s.actor_num_cpus,
-        accelerator_type=s.actor_accelerator_type,
-        fn_constructor_kwargs={
-            "config_path": cfg.source if cfg.source != "<defaults>" else None,
-            "overrides": _engine_overrides(spec),
-            "fault": {"kill_after_batches": fault.get("kill_actor_after_batches"),
-                      "marker": fault.get("kill_actor_marker"), "record_dir": fault.get("record_actors_dir")},
-        },
+    p.add_argument(
+        "--max-crops-per-track", type=int, help="episodes.max_crops_per_track: best-k per template"
     )
-    hooks = {"crash_driver_after_files": fault.get("crash_driver_after_files"), "driver_pid": os.getpid(),
-             "hold_episode": fault.get("hold_episode"), "release_marker": fault.get("release_marker")}
-    sink = StagingDatasink(output, tracker, fault=hooks)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": s.write_num_cpus})
-
-
-def _clean_leftovers(output: Location, episodes: list[str], committed: set[str]) -> None:
-    """Staging of committed episodes (a commit cut short before its clean-up, a duplicate write
-    that landed after the commit, a crashed write's temporary file), and a write probe's
-    temporary file: the job's own files only (``remove_staging``). At the start and the end,
-    when no write is in flight."""
-    root = output.join(STAGING_DIR)
-    present = {i.path[len(root.path) + 1 :].split("/")[0] for i in list_files(root)}
-    for episode in sorted(present & committed & set(episodes)):
-        files = staged_files(output, episode)
-        if files:
-            logger.info("removing the leftover staging of committed episode %s (%d files)", episode,
-                        len(files))
-        remove_staging(output, episode, files)
-    delete_files(output.fs, orphan_tmp_files(output))
-
-
-def _episode_uids(index: InputIndex) -> tuple[pa.Array, dict[str, tuple[int, int]]]:
-    """The index's uids grouped by episode, and episode -> (offset, length) into them."""
-    table = index.table.select(["episode_id", "uid"])
-    table = table.sort_by([("episode_id", "ascending"), ("uid", "ascending")])
-    runs = pc.run_end_encode(table["episode_id"].combine_chunks())
-    ends = runs.run_ends.to_numpy()
-    starts = np.r_[0, ends[:-1]]
-    spans = {ep: (int(a), int(b - a)) for ep, a, b in zip(runs.values.to_pylist(), starts, ends, strict=True)}
-    return table["uid"].combine_chunks(), spans
-
-
-def _lance_target(spec: JobSpec, cfg, index: InputIndex, contract: str, dim: int):
-    uri = spec.settings.lance_uri
-    if not uri:
-        return None
-    from .lance_store import target_for
-
-    return target_for(uri, contract, index.pass_through, dim, cfg.storage.endpoint_url, cfg.storage.region)
-
-
-def run_job(spec: JobSpec) -> JobReport:
-    """Embed every episode of ``spec.input`` not yet committed in ``spec.output``.
-
-    Everything that can refuse the run does so before Ray starts: the input (``discover``:
-    malformed, or a pass-through column named like an output column), the output (not a
-    directory, not writable), another contract in the output, committed or staged, or in
-    the Lance store."""
-    cfg = load_config(spec.embedding_config, overrides=_engine_overrides(spec))
-    storage = cfg.storage
-    input_loc = locate(spec.input, storage.endpoint_url, storage.region)
-    output = locate(spec.output, storage.endpoint_url, storage.region)
-    check_output_dir(output, probe=False)
-    index = discover(input_loc, spec.settings.image_extensions)
-    model = configured_model(cfg)
-    contract = model_contract(model)
-    episodes = index.episodes
-    committed = committed_episodes(output, episodes)
-    _check_output_contract(committed, contract, output.uri)
-    found = list_staged(output, set(episodes))
-    staged = {ep: s for ep, s in found.items() if ep not in committed}
-    _check_staged_contract(staged, contract, output.uri)
-    dim = model.embedding_dim or EMBEDDING_DIM
-    target = _lance_target(spec, cfg, index, contract, dim)
-    if target is not None:  # another contract's store: refused here, before any work
-        target.store.open(model.model_id, dim)
-    to_commit = [ep for ep in episodes if ep not in committed]
-    if to_commit or len(found) > len(staged) or target is not None:
-        check_output_dir(output, probe=True)
-        _clean_leftovers(output, episodes, set(committed))
-    exclusions = Exclusions.of(set(committed), staged)
-    uids, spans = _episode_uids(index)
-    owed = {ep: spans[ep][1] - len(staged[ep].uids if ep in staged else ()) for ep in to_commit}
-    rows_to_process = sum(owed.values())
-    logger.info(
-        "%d episodes (%d committed, skipped), %d inputs, %d rows already staged, %d to embed",
-        len(episodes), len(committed), index.table.num_rows, sum(len(s.uids) for s in staged.values()),
-        rows_to_process,
+    p.add_argument("--template-weighting", choices=("norm", "uniform"), help="episodes.template_weighting")
+    p.add_argument("--progress-interval", type=float, help="episodes.progress_interval_s")
+    p.add_argument(
+        "--compare-inprocess",
+        action="store_true",
+        help="also time the same engine in this process on the same crops",
     )
-    engine = {"model_id": model.model_id, "model_sha256": model.sha256, "contract": contract,
-              "synthetic": model.synthetic, "config": cfg.source}
-    job = {"input": input_loc.uri, "settings": asdict(spec.settings)}
-    policy = TemplatePolicy.of(spec.settings)
+    p.add_argument("--json", action="store_true", help="print the report as the last line, as JSON")
+    # Fault injection, for tests only: proves a killed actor / driver loses and duplicates nothing.
+    p.add_argument("--inject-kill-actor-after-batches", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--inject-kill-actor-marker", help=argparse.SUPPRESS)
+    p.add_argument("--inject-crash-driver-after-files", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--inject-crash-driver-after-commits", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--inject-kill-commit-marker", help=argparse.SUPPRESS)
+    # Tracing, for tests only: each actor appends what it embedded, and on which node, to a file here.
+    p.add_argument("--record-actors-dir", help=argparse.SUPPRESS)
+    return p
 
-    def request(ep: str) -> CommitRequest:
-        start, length = spans[ep]
-        before = pa.array(sorted(staged[ep].uids), pa.string()) if ep in staged else pa.array([], pa.string())
-        # a copy: a slice of an Arrow array pickles its whole buffer
-        expected = pc.take(uids, pa.array(np.arange(start, start + length)))
-        return CommitRequest(ep, expected, engine, job, policy, index.pass_through, before, spec.fault,
-                             target)
 
-    work = bool(to_commit) or target is not None  # a run with nothing to do writes nothing
-    progress = Progress(output, input_loc.uri, len(episodes), len(committed), rows_to_process,
-                        spec.settings.progress_interval_s) if work else None
-    started = time.perf_counter()
+def _parse_concurrency(text: str | None) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
     try:
-        results: dict[str, EpisodeResult] = {}
-        store = None
-        if work:
-            _ensure_ray(spec.settings)
-            started = time.perf_counter()  # cluster start is not job time
-            progress.started = time.monotonic()
-            store = _store_committer(target, model.model_id, spec.settings)
-        if to_commit:
-            scheduler = CommitScheduler(output, to_commit, request, owed, spec.settings.commit_num_cpus,
-                                        progress, store, spec.fault)
-            pipeline = ((lambda tracker: run_pipeline(spec, index, exclusions, output, cfg, tracker))
-                        if rows_to_process else (lambda tracker: None))
-            results = scheduler.run(pipeline)
-            _clean_leftovers(output, episodes, set(committed) | set(results))
-        lance = _finish_store(store, output, [*committed, *results], spec.settings)
-        seconds = time.perf_counter() - started
-        report = _report(spec, input_loc, output, index, committed, results, rows_to_process, seconds, engine,
-                         lance)
-    except BaseException as exc:
-        if progress is not None:
-            progress.close("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-        raise
-    if progress is not None:
-        progress.close("done", report=report.to_dict())
-    return report
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--concurrency must be N or MIN,MAX, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise ConfigError(f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return parts[0], parts[1]
 
 
-def _store_committer(target, model_id: str, settings: EpisodeJobSettings):
-    if target is None:
-        return None
-    from .lance_store import StoreCommitter
-
-    return StoreCommitter(target, model_id, settings.lance_commit_interval_s)
-
-
-def _finish_store(store, output: Location, committed: list[str], settings: EpisodeJobSettings):
-    """Flush the store, backfill committed episodes it lacks, rebuild the templates' index."""
-    if store is None:
-        return None
-    store.flush()
-    backfilled = store.backfill(output, committed, settings.commit_num_cpus)
-    indexed = None
-    if store.appended:
-        indexed = store.build_index(settings.lance_index_type, settings.lance_index_partitions)
-    return {"uri": store.store.uri, "episodes_appended": len(store.appended),
-            "episodes_backfilled": len(backfilled), "tracks_indexed": indexed,
-            "index_type": settings.lance_index_type}
-
-
-def _report(spec, input_loc, output, index, committed, results, rows_processed, seconds, engine,
-            lance) -> JobReport:
-    embedded = sum(r.embedded for r in results.values())
-    return JobReport(
-        input=input_loc.uri, output=output.uri, episodes=len(index.episodes), episodes_skipped=len(committed),
-        episodes_committed=len(results), inputs=index.table.num_rows, rows_processed=rows_processed,
-        faces=sum(r.rows for r in results.values()), faces_embedded=embedded,
-        failures=sum(r.errors for r in results.values()), seconds=seconds,
-        # faces this run embedded only: undecodable rows are cheap and would flatter the rate, and
-        # rows an earlier run staged took none of this run's time
-        faces_per_s=(embedded / seconds) if embedded and seconds > 0 else 0.0,
-        engine=engine, driver_peak_rss_mb=round(peak_rss_mb(), 1), lance=lance,
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    lo, hi = _parse_concurrency(args.concurrency)
+    settings = load_job_settings(
+        args.job_config,
+        actors_min=lo,
+        actors_max=hi,
+        batch_size=args.batch_size,
+        actor_num_gpus=args.num_gpus,
+        actor_accelerator_type=args.accelerator_type,
+        lance_uri=args.lance,
+        min_quality=args.min_quality,
+        max_crops_per_track=args.max_crops_per_track,
+        template_weighting=args.template_weighting,
+        progress_interval_s=args.progress_interval,
+    )
+    fault = {
+        "kill_actor_after_batches": args.inject_kill_actor_after_batches,
+        "kill_actor_marker": args.inject_kill_actor_marker,
+        "crash_driver_after_files": args.inject_crash_driver_after_files,
+        "crash_driver_after_commits": args.inject_crash_driver_after_commits,
+        "kill_commit_marker": args.inject_kill_commit_marker,
+        "record_actors_dir": args.record_actors_dir,
+    }
+    return JobSpec(
+        input=args.input,
+        output=args.output,
+        embedding_config=args.config,
+        backend=args.backend,
+        model=args.model,
+        device=args.device,
+        settings=settings,
+        fault={k: v for k, v in fault.items() if v is not None},
     )
 
 
-def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit: int = 2048,
-                        cfg=None) -> float:
-    """The same engine in this process on the same (decoded) crops: faces/s of encode alone."""
-    from engines import load_engine
+def format_report(r: JobReport) -> str:
+    lines = [
+        f"episodes  {r.episodes} ({r.episodes_skipped} already committed, "
+        f"{r.episodes_committed} committed now)",
+        f"faces     {r.faces} committed ({r.faces_embedded} embedded by this run), {r.failures} failures, "
+        f"{r.rows_processed} rows processed this run",
+        f"time      {r.seconds:.1f} s -> {r.faces_per_s:.1f} faces/s embedded (excluding cluster start)",
+        f"output    {r.output}  (engine {r.engine.get('model_id')}, contract {r.engine.get('contract')})",
+        f"driver    peak RSS {r.driver_peak_rss_mb:.0f} MiB",
+    ]
+    if r.lance:
+        lines.append(
+            f"lance     {r.lance['uri']}: {r.lance['episodes_appended']} episodes appended "
+            f"({r.lance['episodes_backfilled']} backfilled), {r.lance['tracks_indexed'] or 0} tracks indexed "
+            f"({r.lance['index_type']})"
+        )
+    if r.inprocess_fps:
+        lines.append(
+            f"in-process engine {r.inprocess_fps:.1f} faces/s; job / in-process = {r.ratio_to_inprocess:.2f}"
+        )
+    return "\n".join(lines)
 
-    from .decode import decode_batch
 
-    if index.has_inline_images:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(index.manifest_files[0], filesystem=index.location.fs).slice(0, limit)
-    else:
-        table = index.table.slice(0, min(limit, index.table.num_rows))
-    if "uid" not in table.column_names:  # a manifest read whole: its rows, not the index's
-        ids = [pc.cast(table[c], pa.string()) for c in ("episode_id", "track_id", "frame")]
-        table = table.append_column("uid", make_uid(*ids))
-    columns = {name: np.asarray(table[name].to_pylist(), dtype=object) for name in table.column_names}
-    base = None if index.kind == "directory" else index.manifest_files[0].rsplit("/", 1)[0]
-    cfg = cfg or load_config(spec.embedding_config, overrides=_engine_overrides(spec))
-    decoded = decode_batch(columns, index.location.fs, base, _s3_settings(cfg),
-                           DecodeLimits.of(spec.settings))
-    crops = decoded["crop"][np.array([not e for e in decoded["error"]])]
-    engine = load_engine(cfg)
-    engine.encode(crops[:batch_size])
-    started = time.perf_counter()
-    for i in range(0, len(crops), batch_size):
-        engine.encode(crops[i : i + batch_size])
-    return len(crops) / (time.perf_counter() - started)
+def run_from_args(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    report = run_job(spec)
+    if args.compare_inprocess and report.rows_processed:
+        cfg = load_config(spec.embedding_config, overrides=_engine_overrides(spec))
+        index = discover(
+            locate(spec.input, cfg.storage.endpoint_url, cfg.storage.region), spec.settings.image_extensions
+        )
+        report.inprocess_fps = inprocess_reference(spec, index, spec.settings.batch_size, cfg=cfg)
+        if report.inprocess_fps > 0:  # zero where no input decoded: nothing to compare
+            report.ratio_to_inprocess = report.faces_per_s / report.inprocess_fps
+    print(format_report(report), flush=True)
+    if args.json:
+        print(json.dumps(report.to_dict()), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .job_args import main as job_main
-
-    return job_main(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    args = build_parser().parse_args(argv)
+    return run_with_exit_codes("embed-episodes", lambda: run_from_args(args))
 
 
 if __name__ == "__main__":

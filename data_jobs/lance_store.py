@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from engines import ConfigError
 
 from .columns import ENGINE_COLUMNS
+from .partitions import partition
 from .storage import delete_files, exists, locate, read_bytes, write_atomic
 from .vector_store import VectorStore
 
@@ -122,8 +123,6 @@ def episode_fragments(target: StoreTarget, episode: str, rows: pa.Table, templat
 def backfill_fragments(output, target: StoreTarget, episode: str) -> bytes:
     """``episode_fragments`` from the episode's committed Parquet files (a Ray task's body)."""
     import pyarrow.parquet as pq
-
-    from .commit import partition
 
     rows = pq.read_table(
         partition(output, "embeddings", episode).join("part-0.parquet").path, filesystem=output.fs

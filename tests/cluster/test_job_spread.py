@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 from fake_cluster import worker_nodes
 
-from data_jobs.embed_episodes import JobSpec, run_job
+from data_jobs.job import JobSpec, run_job
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
 from engines import get_engine

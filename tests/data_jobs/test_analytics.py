@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from data_jobs.embed_episodes import JobSpec, run_job
+from data_jobs.job import JobSpec, run_job
 from data_jobs.quality import TemplatePolicy, counted_crops
 from data_jobs.reader import committed_episodes, read_committed
 from data_jobs.sample import make_synthetic_manifest

@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from data_jobs.embed_episodes import JobSpec, inprocess_reference, run_job
+from data_jobs.job import JobSpec, inprocess_reference, run_job
 from data_jobs.reader import read_committed
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
