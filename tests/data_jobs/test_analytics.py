@@ -215,8 +215,15 @@ def test_lance_top_k_returns_the_tracks_a_brute_force_search_over_parquet_finds(
             f"{e}/{t}"
             for e, t in zip(hits["episode_id"].to_pylist(), hits["track_id"].to_pylist(), strict=True)
         ]
-        want = [names[j] for j in np.argsort(-(matrix @ face), kind="stable")[:5]]
-        assert got == want, (i, got, want)
+        scores = matrix @ face
+        want = [names[j] for j in np.argsort(-scores, kind="stable")[:5]]
+        # The same tracks in the same order, up to near-ties (synthetic weights put some tracks
+        # within float rounding of each other): each hit scores what the brute-force rank says.
+        got_scores = np.array([scores[names.index(n)] for n in got])
+        np.testing.assert_allclose(
+            got_scores, np.sort(scores)[::-1][:5], atol=1e-5, err_msg=f"{i}: {got} vs {want}"
+        )
+        assert len(set(got)) == 5
         np.testing.assert_allclose(
             hits["_distance"].to_numpy(), 1 - np.sort(-(matrix @ face))[:5] * -1, atol=1e-4
         )
