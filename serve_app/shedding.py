@@ -8,6 +8,9 @@ So the proxy sheds first, with the client-side throttling of Google's SRE book (
 Overload"): per route it counts, over the last ``window_s`` seconds, the requests it saw and
 those the replicas *accepted* (answered with anything but 503/429), and refuses a new
 request itself with probability ``max(0, (requests - k * accepts) / (requests + 1))``.
+A request the proxy lets through is counted when its answer comes, not when it arrives:
+counted on arrival, a burst of slow but accepted requests (a busy CPU replica takes seconds)
+would look like refusals until their answers came, and the burst would be shed.
 With ``k`` = 2 the replicas see at most about twice what they accept: their own admission
 keeps deciding exactly, the proxy only drops the excess beyond that, and as soon as the
 replicas accept again the probability falls to 0 within one window.
@@ -92,12 +95,15 @@ class AdaptiveThrottle:
         if counts is None:
             return True
         p = self.shed_probability(route, now)
-        counts.add(now, requests=1)
         self._routes.move_to_end(route)
-        return not (p > 0 and self._rand() < p)
+        if p > 0 and self._rand() < p:
+            counts.add(now, requests=1)  # answered here and now: a request not accepted
+            return False
+        return True  # counted by ``record`` when its answer comes
 
     def record(self, route: str, status: int, now: float | None = None) -> None:
-        """What a replica (or Serve) answered a request the proxy let through."""
+        """What a replica (or Serve) answered a request the proxy let through: one request,
+        accepted unless 429/503."""
         now = time.monotonic() if now is None else now
         counts = self._routes.get(route)
         if counts is None:
@@ -106,4 +112,4 @@ class AdaptiveThrottle:
             counts = self._routes[route] = _Counts(self.window_s)
             while len(self._routes) > _MAX_ROUTES:
                 self._routes.popitem(last=False)
-        counts.add(now, accepts=int(status not in (429, 503)))
+        counts.add(now, requests=1, accepts=int(status not in (429, 503)))

@@ -138,6 +138,29 @@ def test_the_throttle_lets_through_about_k_times_what_the_replicas_accept():
     assert throttle.admit("/v1/embed", now=later + 4.1)
 
 
+def test_a_burst_of_slow_accepted_requests_is_not_shed():
+    """100 requests arrive at once on a busy replica that accepts them all but answers each only
+    seconds later: none is shed (in flight is not refused), and once they are answered 200
+    nothing is shed either."""
+    throttle = AdaptiveThrottle(k=2.0, window_s=4.0, rand=lambda: 0.0)
+    throttle.record("/v1/embed", 200, now=0.0)
+    assert all(throttle.admit("/v1/embed", now=10.0) for _ in range(100))
+    for i in range(100):
+        throttle.record("/v1/embed", 200, now=12.0 + i * 0.01)
+    assert throttle.shed_probability("/v1/embed", now=13.0) == 0.0
+
+
+def test_refusals_count_as_requests_that_were_not_accepted():
+    throttle = AdaptiveThrottle(k=2.0, window_s=4.0, rand=lambda: 0.0)
+    throttle.record("/v1/embed", 200, now=0.0)
+    for _ in range(20):
+        throttle.record("/v1/embed", 503, now=1.0)
+    # 21 answered, 1 accepted: (21 - 2) / 22
+    assert throttle.shed_probability("/v1/embed", now=1.0) == pytest.approx(19 / 22)
+    assert not throttle.admit("/v1/embed", now=1.0)  # rand() = 0 < p: shed, and counted
+    assert throttle.shed_probability("/v1/embed", now=1.0) == pytest.approx(20 / 23)
+
+
 def test_routes_that_never_answered_200_are_not_tracked():
     throttle = AdaptiveThrottle(k=2.0, rand=lambda: 0.0)
     for i in range(100):

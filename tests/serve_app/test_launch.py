@@ -8,8 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from support import free_port
 
 from engines import EngineError
@@ -105,10 +107,16 @@ def test_overrides_and_bad_files(tmp_path):
 
 
 @pytest.mark.integration
-def test_bench_serve_starts_the_service_from_config_and_measures_it():
+def test_bench_serve_starts_the_service_from_config_and_measures_it(tmp_path):
     env = {**os.environ, "ARCFACE_MODEL": "synthetic:mobilefacenet", "ARCFACE_BACKEND": "onnx"}
+    # config/serve.yaml with a queue wait a busy test host cannot exceed: this test is about
+    # bench-serve, not admission (tests/serve_app/test_service.py bounds that)
+    config = yaml.safe_load((Path(__file__).parents[2] / "config" / "serve.yaml").read_text())
+    config["applications"][0]["args"]["max_queue_wait_s"] = 60
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run(
-        [sys.executable, "-m", "engines", "bench-serve", "--start", "--http-port", str(free_port()),
+        [sys.executable, "-m", "engines", "bench-serve", "--start", "--config", str(tmp_path / "serve.yaml"),
+         "--http-port", str(free_port()),
          "--concurrency", "4", "--faces-per-request", "2", "--duration", "3", "--warmup", "1", "--json"],
         capture_output=True, text=True, timeout=600, env=env,
     )
