@@ -133,6 +133,12 @@ def format_report(r: JobReport) -> str:
             f"({r.lance['episodes_backfilled']} backfilled), {r.lance['tracks_indexed'] or 0} tracks indexed "
             f"({r.lance['index_type']})"
         )
+    if r.shell_cpu and r.shell_cpu["cpu_s"]:
+        c = r.shell_cpu
+        roles = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c["cpu_ms_per_face_by_role"].items(),
+                                                          key=lambda kv: -kv[1]))
+        lines.append(f"cpu       {c['cpu_ms_per_face']:.2f} ms per face ({roles}); {c['cores_busy']} cores "
+                     f"busy; {c['faces_per_cpu_s']:.0f} faces per CPU-second")
     if r.inprocess_fps:
         lines.append(
             f"in-process engine {r.inprocess_fps:.1f} faces/s; job / in-process = {r.ratio_to_inprocess:.2f}"

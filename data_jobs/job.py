@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engines import ConfigError, configured_model, load_config, model_contract
+from engines import ConfigError, CpuSampler, configured_model, load_config, model_contract
 
 from .commit import CommitRequest, EpisodeResult, committed_episodes
 from .decode import DecodeLimits
@@ -66,6 +66,10 @@ class JobReport:
     lance: dict[str, Any] | None = None  # the store: uri, episodes appended / backfilled, tracks indexed
     inprocess_fps: float | None = None
     ratio_to_inprocess: float | None = None
+    # CPU of the driver's process tree (a local cluster started here: actors, tasks, raylet) from
+    # the cluster's start to the job's end, by role, per face embedded (engines.bench.cpu_cost);
+    # on a cluster this run did not start, the driver's only
+    shell_cpu: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -330,12 +334,14 @@ def run_job(spec: JobSpec) -> JobReport:
     progress = Progress(output, input_loc.uri, len(episodes), len(committed), rows_to_process,
                         spec.settings.progress_interval_s) if work else None
     started = time.perf_counter()
+    sampler = None
     try:
         results: dict[str, EpisodeResult] = {}
         store = None
         if work:
             _ensure_ray(spec.settings)
             started = time.perf_counter()  # cluster start is not job time
+            sampler = CpuSampler().start()  # nor is its CPU
             progress.started = time.monotonic()
             store = _store_committer(target, model.model_id, spec.settings)
         if to_commit:
@@ -349,7 +355,12 @@ def run_job(spec: JobSpec) -> JobReport:
         seconds = time.perf_counter() - started
         report = _report(spec, input_loc, output, index, committed, results, rows_to_process, seconds, engine,
                          lance)
+        if sampler is not None:
+            report.shell_cpu = sampler.stop().per_face(report.faces_embedded)
+            sampler = None
     except BaseException as exc:
+        if sampler is not None:
+            sampler.stop()
         if progress is not None:
             progress.close("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise

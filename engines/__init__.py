@@ -14,6 +14,7 @@ from .base.align import ARCFACE_TEMPLATE, LANDMARK_NAMES, check_landmarks, norm_
 from .base.contract import EmbeddingEngine, EngineInfo, embedding_contract_id, model_contract
 from .base.image import ALLOWED_FORMATS, ImageRejected, check_image_header, decode_image
 from .base.preprocess import FACE_SIZE
+from .bench.cpu_cost import CpuCost, CpuSampler
 from .cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -62,6 +63,8 @@ __all__ = [
     "Command",
     "Config",
     "ConfigError",
+    "CpuCost",
+    "CpuSampler",
     "DemoStep",
     "DriftGateError",
     "DriftReport",

@@ -86,6 +86,11 @@ def test_directory_layout(ray_local, sample, engine, clean_run):
     out, report = clean_run
     assert (report.faces, report.failures, report.episodes_committed) == (sample.decodable, sample.corrupt, 2)
     assert report.faces_embedded == report.faces and report.faces_per_s > 0
+    # the shell's CPU by role, from the local cluster's own processes (their titles name the role)
+    cpu = report.shell_cpu
+    assert cpu["cpu_s"] > 0 and cpu["cpu_ms_per_face"] > 0 and cpu["faces_per_cpu_s"] > 0
+    assert cpu["cpu_s_by_role"].get("embed_actors", 0) > 0, cpu
+    assert cpu["cpu_s_by_role"].get("decode", 0) > 0, cpu
     rows = read_rows(out)
     assert_exactly_once(rows, sample)
     assert rows.schema.field("embedding").type.list_size == 512
