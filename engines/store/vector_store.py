@@ -27,8 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from engines import ConfigError
-
+from ..errors import ConfigError
 from .storage import exists, list_files, locate, read_bytes, write_atomic
 
 logger = logging.getLogger(__name__)
