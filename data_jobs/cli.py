@@ -32,7 +32,8 @@ def cmd_sample_episodes(args: argparse.Namespace) -> int:
             print(json.dumps(synth.__dict__))
         return 0
 
-    summary = make_sample_episodes(args.out, args.episodes, args.tracks, args.frames, args.corrupt, args.seed)
+    summary = make_sample_episodes(args.out, args.episodes, args.tracks, args.frames, args.corrupt, args.seed,
+                                   jitter=args.jitter, mirror=not args.no_mirror)
     print(f"{summary.faces} faces ({summary.episodes} episodes x {summary.tracks_per_episode} tracks x "
           f"{summary.frames_per_track} frames) + {summary.corrupt} corrupt files")
     print(f"directory layout  {summary.directory}")
@@ -60,6 +61,10 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: a synthetic manifest of N faces over --episodes x --tracks, in seconds "
                         "(pooled crops + pass-through columns; for scale runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jitter", type=float, default=0.5,
+                   help="per-frame jitter strength (identity demos with synthetic weights: 0.05)")
+    p.add_argument("--no-mirror", action="store_true",
+                   help="never mirror a crop (synthetic weights are not mirror-invariant)")
     p.add_argument("--json", action="store_true")
 
 
