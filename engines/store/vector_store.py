@@ -96,7 +96,7 @@ class VectorStore:
             if meta.get("contract") != self.contract:
                 raise ConfigError(
                     f"vector store {self.uri} holds embedding contract {meta.get('contract')} (model "
-                    f"{meta.get('model_id')}); this job writes contract {self.contract} (model {model_id}). "
+                    f"{meta.get('model_id')}); this run uses contract {self.contract} (model {model_id}). "
                     "Vectors of different contracts are not comparable: use another store"
                 )
             return self
