@@ -38,6 +38,10 @@ from .errors import (
 )
 from .factory import configured_model, get_engine, load_engine
 from .hardware import cpu_model_name
+from .identity.assign import IDENTITY_SCHEMA, AssignPolicy, assign_tracks
+from .identity.gallery import Gallery, gallery_version, load_gallery, open_gallery_store
+from .identity.screen_time import SCREEN_TIME_SCHEMA, screen_time
+from .identity.search import UNKNOWN, Matches, search
 from .models.resolve import ResolvedModel, resolve_model
 from .models.sample_faces import (
     FaceSet,
@@ -71,8 +75,12 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "FACE_SIZE",
+    "IDENTITY_SCHEMA",
     "LANDMARK_NAMES",
     "REPO_CONFIG_DIR",
+    "SCREEN_TIME_SCHEMA",
+    "UNKNOWN",
+    "AssignPolicy",
     "BackendUnavailable",
     "Command",
     "Config",
@@ -85,12 +93,15 @@ __all__ = [
     "EngineError",
     "EngineInfo",
     "FaceSet",
+    "Gallery",
     "ImageRejected",
     "Location",
+    "Matches",
     "ModelResolutionError",
     "ResolvedModel",
     "SourceFace",
     "VectorStore",
+    "assign_tracks",
     "available_backends",
     "backend_names",
     "build_typed",
@@ -106,6 +117,7 @@ __all__ = [
     "emit_json",
     "eval_faces",
     "exists",
+    "gallery_version",
     "get_engine",
     "import_lance",
     "is_dir",
@@ -115,10 +127,12 @@ __all__ = [
     "list_files",
     "load_config",
     "load_engine",
+    "load_gallery",
     "load_tom_hanks",
     "locate",
     "model_contract",
     "norm_crop",
+    "open_gallery_store",
     "orphan_tmp_files",
     "positive_int",
     "read_bytes",
@@ -128,6 +142,8 @@ __all__ = [
     "resolve_model",
     "run_embedding_regression_tests",
     "run_with_exit_codes",
+    "screen_time",
+    "search",
     "source_faces",
     "write_atomic",
     "write_parquet_atomic",
