@@ -40,6 +40,7 @@ from .factory import configured_model, get_engine, load_engine
 from .hardware import cpu_model_name
 from .identity.assign import IDENTITY_SCHEMA, AssignPolicy, assign_tracks
 from .identity.gallery import Gallery, gallery_version, load_gallery, open_gallery_store
+from .identity.sample import SAMPLE_JITTER, SampleGallery, make_sample_gallery, sample_jitters
 from .identity.screen_time import SCREEN_TIME_SCHEMA, screen_time
 from .identity.search import UNKNOWN, Matches, search
 from .models.resolve import ResolvedModel, resolve_model
@@ -78,6 +79,7 @@ __all__ = [
     "IDENTITY_SCHEMA",
     "LANDMARK_NAMES",
     "REPO_CONFIG_DIR",
+    "SAMPLE_JITTER",
     "SCREEN_TIME_SCHEMA",
     "UNKNOWN",
     "AssignPolicy",
@@ -99,6 +101,7 @@ __all__ = [
     "Matches",
     "ModelResolutionError",
     "ResolvedModel",
+    "SampleGallery",
     "SourceFace",
     "VectorStore",
     "assign_tracks",
@@ -130,6 +133,7 @@ __all__ = [
     "load_gallery",
     "load_tom_hanks",
     "locate",
+    "make_sample_gallery",
     "model_contract",
     "norm_crop",
     "open_gallery_store",
@@ -142,6 +146,7 @@ __all__ = [
     "resolve_model",
     "run_embedding_regression_tests",
     "run_with_exit_codes",
+    "sample_jitters",
     "screen_time",
     "search",
     "source_faces",
