@@ -39,7 +39,14 @@ from .errors import (
 from .factory import configured_model, get_engine, load_engine
 from .hardware import cpu_model_name
 from .identity.assign import IDENTITY_SCHEMA, AssignPolicy, assign_tracks
-from .identity.gallery import Gallery, gallery_version, load_gallery, open_gallery_store
+from .identity.gallery import (
+    Gallery,
+    gallery_version,
+    load_gallery,
+    open_gallery_store,
+    template_weights,
+    weighted_templates,
+)
 from .identity.sample import SAMPLE_JITTER, SampleGallery, make_sample_gallery, sample_jitters
 from .identity.screen_time import SCREEN_TIME_SCHEMA, screen_time
 from .identity.search import UNKNOWN, Matches, search
@@ -150,6 +157,8 @@ __all__ = [
     "screen_time",
     "search",
     "source_faces",
+    "template_weights",
+    "weighted_templates",
     "write_atomic",
     "write_parquet_atomic",
 ]

@@ -47,13 +47,19 @@ def check_identity_name(name: str) -> str:
     return name
 
 
-def weighted_templates(codes: np.ndarray, embeddings: np.ndarray, norms: np.ndarray, groups: int,
-                       weighting: str = "norm") -> np.ndarray:
-    """``(groups, D)`` unit templates: row g is ``normalise(sum w_i e_i)`` over the rows with
-    ``codes == g`` (``w_i`` = ``norms`` for ``norm``, 1 for ``uniform``); an empty group stays 0."""
+def template_weights(norms: np.ndarray, weighting: str, counted: np.ndarray | None = None) -> np.ndarray:
+    """Each row's weight in its template: its pre-normalisation norm (``norm``) or 1 (``uniform``),
+    0 where ``counted`` is False. The episode job's track templates and the gallery share it."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    weights = norms.astype(np.float64) if weighting == "norm" else np.ones(len(codes))
+    weights = norms.astype(np.float64) if weighting == "norm" else np.ones(len(norms))
+    return weights if counted is None else np.where(counted, weights, 0.0)
+
+
+def weighted_templates(codes: np.ndarray, embeddings: np.ndarray, weights: np.ndarray,
+                       groups: int) -> np.ndarray:
+    """``(groups, D)`` unit templates: row g is ``normalise(sum w_i e_i)`` over the rows with
+    ``codes == g`` (an empty or zero-weight group stays all zeros)."""
     sums = np.zeros((groups, embeddings.shape[1]), np.float64)
     np.add.at(sums, codes, embeddings * weights[:, None])
     lengths = np.linalg.norm(sums, axis=1, keepdims=True)
@@ -129,7 +135,7 @@ def _write(store: VectorStore, members: pa.Table, dim: int, weighting: str) -> p
     names, codes = np.unique(np.asarray(members["identity"].to_pylist(), dtype=object), return_inverse=True)
     emb = _vectors(members["embedding"], members.num_rows, dim)
     norms = members["norm"].to_numpy(zero_copy_only=False).astype(np.float64)
-    templates = weighted_templates(codes, emb, norms, len(names), weighting)
+    templates = weighted_templates(codes, emb, template_weights(norms, weighting), len(names))
     counts = np.bincount(codes, minlength=len(names)) if len(names) else np.zeros(0, np.int64)
     mean_norm = np.bincount(codes, weights=norms, minlength=len(names)) / np.maximum(counts, 1)
     identities = pa.table({

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from identity_faces import JITTER, THRESHOLD, jitters
+from identity_faces import JITTER, THRESHOLD, enroll_jitters
 
 from data_jobs.assign_tracks import AssignSpec, run_assign
 from data_jobs.job import JobSpec, run_job
@@ -16,7 +15,7 @@ from data_jobs.reader import read_committed
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
 from engines import ConfigError, VectorStore, get_engine, source_faces
-from engines.identity.gallery import enroll, open_gallery_store
+from engines.identity.gallery import open_gallery_store
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +39,7 @@ def embedded(ray_local, tmp_path_factory):
     engine = get_engine("onnx", MODEL, device="cpu")
     info = engine.info
     store = open_gallery_store(str(root / "gallery"), info.contract, info.model_id, info.embedding_dim)
-    names, sources, crops = [], [], []
-    for i in ENROLLED:
-        for k, crop in enumerate(jitters(i, 3, seed=i)):
-            names.append(source_faces()[i].name)
-            sources.append(f"{i}/{k}")
-            crops.append(crop)
-    emb, norms = engine.encode_with_norms(np.stack(crops))
-    enroll(store, names, sources, emb, norms)
+    enroll_jitters(engine, store, ENROLLED)
     return root, out, str(root / "gallery")
 
 

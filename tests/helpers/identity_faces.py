@@ -33,3 +33,18 @@ def gallery_dir(root: Path, faces: range | list[int], per_identity: int = 3, see
         for k, crop in enumerate(jitters(i, per_identity, seed + i)):
             cv2.imwrite(str(folder / f"{k}.png"), crop)
     return root
+
+
+def enroll_jitters(engine, store, faces, per_identity: int = 3, seed: int = 0):
+    """Enroll ``per_identity`` jitters of each face index in ``faces`` (identity = the face's
+    name, source ``<index>/<k>``) with ``engine`` into the gallery ``store``; the new identities table."""
+    from engines.identity.gallery import enroll
+
+    names, sources, crops = [], [], []
+    for i in faces:
+        for k, crop in enumerate(jitters(i, per_identity, seed + i)):
+            names.append(source_faces()[i].name)
+            sources.append(f"{i}/{k}")
+            crops.append(crop)
+    emb, norms = engine.encode_with_norms(np.stack(crops))
+    return enroll(store, names, sources, emb, norms)

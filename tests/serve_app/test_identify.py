@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from identity_faces import THRESHOLD, jitters
+from identity_faces import THRESHOLD, enroll_jitters, jitters
 from support import deploy_from_config
 
 from engines import ConfigError, get_engine, source_faces
 from engines.config.schema import StorageConfig
-from engines.identity.gallery import enroll, open_gallery_store
+from engines.identity.gallery import open_gallery_store
 from serve_app.errors import RequestError
 from serve_app.identify import GalleryHolder
 from serve_app.protos import embedding_pb2 as pb
@@ -34,23 +34,12 @@ def engine():
     return get_engine("onnx", "synthetic:mobilefacenet", device="cpu")
 
 
-def _enroll(engine, store, faces, seed=0):
-    names, sources, crops = [], [], []
-    for i in faces:
-        for k, crop in enumerate(jitters(i, 3, seed + i)):
-            names.append(source_faces()[i].name)
-            sources.append(f"{i}/{k}")
-            crops.append(crop)
-    emb, norms = engine.encode_with_norms(np.stack(crops))
-    enroll(store, names, sources, emb, norms)
-
-
 @pytest.fixture(scope="module")
 def service(serve_endpoints, engine, tmp_path_factory):
     info = engine.info
     root = tmp_path_factory.mktemp("serve")
     store = open_gallery_store(str(root / "gallery"), info.contract, info.model_id, info.embedding_dim)
-    _enroll(engine, store, ENROLLED)
+    enroll_jitters(engine, store, ENROLLED)
     deploy_from_config(APP, {**USER_CONFIG, "gallery_reload": 0},
                        args={"gallery": store.uri, "max_queue_wait_s": 30})
     return serve_endpoints.http + f"/{APP}", store
@@ -125,7 +114,7 @@ def test_a_new_gallery_version_is_picked_up_without_a_restart(service, engine):
     url, store = service
     stranger = jitters(STRANGER, 1, seed=906)
     before = requests.get(url + "/v1/info", timeout=30).json()["service"]
-    _enroll(engine, store, [STRANGER], seed=40)
+    enroll_jitters(engine, store, [STRANGER], seed=40)
     deploy_from_config(APP, {**USER_CONFIG, "gallery_reload": 1}, args={"gallery": store.uri,
                                                                         "max_queue_wait_s": 30})
     deadline = time.monotonic() + 60

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from identity_faces import JITTER, THRESHOLD, jitters
+from identity_faces import JITTER, THRESHOLD, enroll_jitters, jitters
 
 from engines import ConfigError, get_engine, source_faces
 from engines.identity.assign import AssignPolicy, assign_tracks
@@ -29,17 +29,6 @@ def store(engine, tmp_path):
     return open_gallery_store(str(tmp_path / "gallery"), info.contract, info.model_id, info.embedding_dim)
 
 
-def _enroll(engine, store, faces=ENROLLED, per=3, seed=0):
-    names, sources, crops = [], [], []
-    for i in faces:
-        for k, crop in enumerate(jitters(i, per, seed + i)):
-            names.append(source_faces()[i].name)
-            sources.append(f"{i}/{k}.png")
-            crops.append(crop)
-    emb, norms = engine.encode_with_norms(np.stack(crops))
-    return enroll(store, names, sources, emb, norms)
-
-
 def test_the_margin_identity_tests_rely_on(engine):
     """Synthetic weights keep a jittered copy (JITTER, unmirrored) nearer its source than any other."""
     sources = engine.encode(np.stack([f.crop for f in source_faces()]))
@@ -52,7 +41,7 @@ def test_the_margin_identity_tests_rely_on(engine):
 
 
 def test_enroll_then_identify_held_out_jitters_and_a_stranger(engine, store):
-    table = _enroll(engine, store)
+    table = enroll_jitters(engine, store, ENROLLED)
     assert table.num_rows == 6 and table["members"].to_pylist() == [3] * 6
     gallery = load_gallery(store, engine.info.embedding_dim)
     assert gallery.version == gallery_version(store) >= 1
@@ -68,9 +57,9 @@ def test_enroll_then_identify_held_out_jitters_and_a_stranger(engine, store):
 
 
 def test_enrolling_again_replaces_members_and_remove_drops_an_identity(engine, store):
-    _enroll(engine, store)
+    enroll_jitters(engine, store, ENROLLED)
     version = gallery_version(store)
-    table = _enroll(engine, store, faces=[0], per=4, seed=50)  # sources 0/0..0/2 again, plus 0/3
+    table = enroll_jitters(engine, store, [0], per_identity=4, seed=50)  # sources 0/0..0/2 again, plus 0/3
     assert dict(zip(table["identity"].to_pylist(), table["members"].to_pylist(), strict=True))[
         source_faces()[0].name] == 4
     assert gallery_version(store) > version
@@ -81,7 +70,7 @@ def test_enrolling_again_replaces_members_and_remove_drops_an_identity(engine, s
 
 
 def test_a_gallery_of_another_contract_is_refused_naming_both(engine, store, tmp_path):
-    _enroll(engine, store, faces=[0], per=1)
+    enroll_jitters(engine, store, [0], per_identity=1)
     with pytest.raises(ConfigError) as err:
         open_gallery_store(store.uri, "other-contract-123", "synthetic:iresnet50", 512)
     assert engine.info.contract in str(err.value) and "other-contract-123" in str(err.value)
@@ -114,7 +103,7 @@ def _templates(engine, episode, faces):
 
 
 def test_assign_tracks_labels_matches_and_clusters_unknowns(engine, store):
-    _enroll(engine, store, faces=[0, 1])
+    enroll_jitters(engine, store, [0, 1])
     gallery = load_gallery(store, 512)
     templates = pa.concat_tables([_templates(engine, "ep0", [0, 6, 1, 6]), _templates(engine, "ep1", [6, 1])])
     per_episode = assign_tracks(templates, gallery, AssignPolicy(THRESHOLD, 1 - THRESHOLD))
