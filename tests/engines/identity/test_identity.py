@@ -132,3 +132,18 @@ def test_screen_time_counts_distinct_instants_per_identity():
     assert table[1]["first_seen_s"] == pytest.approx(0.4) and table[0]["seconds"] == pytest.approx(4 / 25)
     with pytest.raises(ValueError, match="integer frame ids"):
         screen_time(rows.set_column(2, "frame", pa.array(["x"] * 6)), assignments, 25.0)
+
+
+def test_a_gallery_on_s3_enrolls_loads_and_refuses_another_contract(engine, bucket, s3_endpoint):
+    """The same gallery on the S3 API (a real moto server): Lance tables and the stamp under a prefix."""
+    info = engine.info
+    uri = f"s3://{bucket}/galleries/main"
+    store = open_gallery_store(uri, info.contract, info.model_id, info.embedding_dim,
+                               endpoint_url=s3_endpoint)
+    enroll_jitters(engine, store, [0, 1])
+    gallery = load_gallery(store, info.embedding_dim)
+    assert gallery.names == tuple(sorted(source_faces()[i].name for i in (0, 1))) and gallery.version >= 1
+    found = search(gallery, engine.encode(jitters(1, 1, seed=77)), threshold=THRESHOLD)
+    assert found.best()[0][0] == source_faces()[1].name
+    with pytest.raises(ConfigError, match="other-contract"):
+        open_gallery_store(uri, "other-contract", "m", 512, endpoint_url=s3_endpoint)
