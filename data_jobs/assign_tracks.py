@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engines import (
@@ -201,7 +202,7 @@ def run_assign(spec: AssignSpec) -> dict[str, Any]:
     if spec.across and todo:
         every = pa.concat_tables([_episode_templates(src, ep) for ep in episodes], promote_options="default")
         table = assign_tracks(every, gallery, policy)
-        assigned = {ep: table.filter(pa.compute.equal(table["episode_id"], ep)) for ep in todo}
+        assigned = {ep: table.filter(pc.equal(table["episode_id"], ep)) for ep in todo}
     started = time.perf_counter()
     summaries: list[dict] = []
     if todo:

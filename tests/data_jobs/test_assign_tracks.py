@@ -114,3 +114,23 @@ def test_a_gallery_of_another_contract_and_an_empty_output_are_refused(embedded,
         run_assign(AssignSpec(str(tmp_path / "empty"), other.uri))
     with pytest.raises(ConfigError, match="no gallery"):
         run_assign(AssignSpec(embedded[1], str(tmp_path / "nothing")))
+
+
+@pytest.mark.slow  # spawns the CLI
+def test_the_command_line_resumes_and_refuses_bad_input_with_exit_2(embedded, tmp_path):
+    import subprocess
+    import sys
+
+    _, out, gallery = embedded
+    run_assign(_spec(embedded))
+    args = [sys.executable, "-m", "engines", "assign-tracks", "--embeddings", out, "--gallery", gallery,
+            "--threshold", str(THRESHOLD), "--cluster-distance", str(1 - THRESHOLD), "--fps", str(FPS)]
+    proc = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report["assigned"], report["skipped"], report["tracks"]) == (0, 2, 18)
+    table = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and "seconds" in table.stdout and "unknown-ep000-0" in table.stdout
+    for bad in (["--embeddings", str(tmp_path)], ["--fps", "0"], ["--threshold", "3"]):
+        proc = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-2000:])
