@@ -40,13 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engines import EngineError
-
-from .columns import ERROR_COLUMNS, ROW_COLUMNS
-from .partitions import partition
-from .quality import TemplatePolicy, counted_crops, track_templates
-from .staging import delete_staged, read_staged, staged_files
-from .storage import (
+from engines import (
+    EngineError,
     Location,
     delete_files,
     exists,
@@ -55,6 +50,11 @@ from .storage import (
     write_atomic,
     write_parquet_atomic,
 )
+
+from .columns import ERROR_COLUMNS, ROW_COLUMNS
+from .partitions import partition
+from .quality import TemplatePolicy, counted_crops, track_templates
+from .staging import delete_staged, read_staged, staged_files
 
 logger = logging.getLogger(__name__)
 

@@ -25,11 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from engines import FACE_SIZE, ImageRejected, check_landmarks, decode_image, norm_crop
+from engines import FACE_SIZE, ImageRejected, check_landmarks, decode_image, locate, norm_crop
 
 from .safe_read import InputRefused, read_limited
 from .settings import EpisodeJobSettings
-from .storage import locate
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,12 @@ import json
 import logging
 import sys
 
-from engines import ConfigError, load_config, run_with_exit_codes
+from engines import ConfigError, load_config, locate, run_with_exit_codes
 
 from .job import JobReport, JobSpec, _engine_overrides, inprocess_reference, run_job
 from .job import __doc__ as JOB_DOC
 from .settings import load_job_settings
 from .sources import discover
-from .storage import locate
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -30,7 +30,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engines import ConfigError, CpuSampler, configured_model, load_config, model_contract
+from engines import (
+    ConfigError,
+    CpuSampler,
+    Location,
+    check_output_dir,
+    configured_model,
+    delete_files,
+    list_files,
+    load_config,
+    locate,
+    model_contract,
+    orphan_tmp_files,
+)
 
 from .commit import CommitRequest, EpisodeResult, committed_episodes
 from .decode import DecodeLimits
@@ -40,7 +52,6 @@ from .scheduler import CommitScheduler
 from .settings import EpisodeJobSettings
 from .sources import InputIndex, discover, make_uid
 from .staging import STAGING_DIR, StagedEpisode, StagingDatasink, list_staged, remove_staging, staged_files
-from .storage import Location, check_output_dir, delete_files, list_files, locate, orphan_tmp_files
 
 logger = logging.getLogger(__name__)
 

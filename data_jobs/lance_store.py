@@ -32,12 +32,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engines import ConfigError
+from engines import ConfigError, VectorStore, delete_files, exists, locate, read_bytes, write_atomic
 
 from .columns import ENGINE_COLUMNS
 from .partitions import partition
-from .storage import delete_files, exists, locate, read_bytes, write_atomic
-from .vector_store import VectorStore
 
 logger = logging.getLogger(__name__)
 

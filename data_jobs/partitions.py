@@ -6,8 +6,9 @@ Its own module because both the commit (which writes the partitions) and the Lan
 
 from __future__ import annotations
 
+from engines import Location
+
 from .ids import require_safe_id
-from .storage import Location
 
 
 def partition(output: Location, table: str, episode: str) -> Location:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import Location, write_atomic
+from engines import Location, write_atomic
 
 logger = logging.getLogger("data_jobs.progress")
 

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engines import template_weights, weighted_templates
+
 from .settings import EpisodeJobSettings
 from .staging import embedding_array
 
@@ -73,12 +75,9 @@ def track_templates(rows: pa.Table, counted: np.ndarray, policy: TemplatePolicy)
     emb = _embeddings(rows)
     norms = rows["norm"].to_numpy()
     names, inverse, counts = np.unique(tracks, return_inverse=True, return_counts=True)
-    weights = np.where(counted, norms.astype(np.float64) if policy.weighting == "norm" else 1.0, 0.0)
-    sums = np.zeros((len(names), emb.shape[1]), np.float64)
-    np.add.at(sums, inverse, emb * weights[:, None])
+    weights = template_weights(norms, policy.weighting, counted)
+    templates = weighted_templates(inverse, emb, weights, len(names))
     used = np.bincount(inverse, weights=counted.astype(np.int64), minlength=len(names)).astype(np.int64)
-    lengths = np.linalg.norm(sums, axis=1, keepdims=True)
-    templates = (sums / np.where(lengths > 0, lengths, 1.0)).astype(np.float32)
     mask = pa.array(used == 0)  # no crop counted: no template
     template = pc.if_else(
         mask, pa.nulls(len(names), embedding_array(templates).type), embedding_array(templates)

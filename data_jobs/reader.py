@@ -19,8 +19,9 @@ import posixpath
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from engines import Location, list_files, locate
+
 from .commit import SUCCESS, TABLES
-from .storage import Location, list_files, locate
 
 PARTITIONING = pads.partitioning(pa.schema([("episode_id", pa.string())]), flavor="hive")
 

@@ -60,7 +60,11 @@ def _frame_around(face: SourceFace, rng: np.random.Generator) -> tuple[np.ndarra
 
 
 def make_sample_episodes(out: str | Path, episodes: int = 2, tracks: int = 3, frames: int = 8,
-                         corrupt: int = 0, seed: int = 0) -> SampleSummary:
+                         corrupt: int = 0, seed: int = 0, jitter: float = 0.5,
+                         mirror: bool = True) -> SampleSummary:
+    """``jitter``: the per-frame ``jitter_face`` strength; ``mirror``: one crop in four mirrored.
+    Identity tests and the gallery demo use ``jitter=0.05, mirror=False``, where synthetic
+    weights still keep a track nearer its own face than any other (README "Gallery and identify")."""
     if min(episodes, tracks, frames) < 1 or corrupt < 0:
         raise ValueError("episodes, tracks and frames must be >= 1 and corrupt >= 0")
     root = Path(out)
@@ -80,7 +84,7 @@ def make_sample_episodes(out: str | Path, episodes: int = 2, tracks: int = 3, fr
             (directory / episode / track).mkdir(parents=True, exist_ok=True)
             for f in range(frames):
                 frame = f"{f:05d}"
-                crop = jitter_face(source, rng, strength=0.5)
+                crop = jitter_face(source, rng, strength=jitter, mirror=mirror)
                 _, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
                 (directory / episode / track / f"{frame}.jpg").write_bytes(jpg.tobytes())
                 rows["episode_id"].append(episode)

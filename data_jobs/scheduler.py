@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engines import Location
+
 from .commit import CommitOutcome, CommitRequest, EpisodeResult, IncompleteEpisode, commit_episode
-from .storage import Location
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engines import ConfigError
+from engines import ConfigError, Location, exists, is_dir, list_files
 
 from .columns import ColumnClash, pass_through_schema
 from .ids import ID_COLUMNS, SAFE_ID, SAFE_ID_RULE, is_safe_id, unsafe_ids
 from .safe_read import InputRefused, show_path, walk_local
-from .storage import Location, exists, is_dir, list_files
 
 logger = logging.getLogger(__name__)
 

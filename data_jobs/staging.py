@@ -33,8 +33,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from .ids import require_safe_id
-from .storage import (
+from engines import (
     Location,
     delete_files,
     list_files,
@@ -42,6 +41,8 @@ from .storage import (
     remove_dir_if_empty,
     write_parquet_atomic,
 )
+
+from .ids import require_safe_id
 
 logger = logging.getLogger(__name__)
 

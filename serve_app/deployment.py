@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from engines import FACE_SIZE, load_config, load_engine, load_tom_hanks
+from engines import FACE_SIZE, load_config, load_engine, load_tom_hanks, search
 
 from .admission import Admission
 from .batching import (
@@ -52,6 +52,7 @@ from .codec import (
 )
 from .decode_queue import FairDecodeQueue
 from .errors import ErrorReporter, RequestError, grpc_method, install_http_handlers
+from .identify import GalleryHolder, identify_params, split_identify_payload
 from .metrics import ServiceMetrics
 from .protos import embedding_pb2 as pb
 from .settings import BatchingConfig, TokenAuth, parse_settings, parse_user_config
@@ -98,6 +99,10 @@ class EmbeddingDeployment:
         )
         self.batching = BatchingConfig()
         self._apply_batching(self.batching)
+        self.identity = cfg.identity
+        self.gallery = GalleryHolder(self.settings.gallery or cfg.identity.gallery,
+                                     self.engine_info.contract, self.engine_info.embedding_dim, cfg.storage,
+                                     self.batching.gallery_reload)
         self._health_face = load_tom_hanks()[None]
         logger.info(
             "replica ready: %s / %s / %s, max batch %d faces (%s), auth %s",
@@ -114,6 +119,7 @@ class EmbeddingDeployment:
         """Live-tune batching (``user_config``) without restarting the replica."""
         self.batching = parse_user_config(user_config)
         self._apply_batching(self.batching)
+        self.gallery.reconfigure(self.batching.gallery_reload)
         logger.info("batching reconfigured: max %d faces (%s), wait %.4f s", self._max_batch,
                     self._max_batch_source, self.batching.batch_wait_timeout_s)
 
@@ -307,6 +313,28 @@ class EmbeddingDeployment:
                                "(max_request_megapixels)")
         return threshold, sides
 
+    @api.post("/v1/identify")
+    async def http_identify(self, request: Request) -> Response:
+        """1:N: the faces of an embed JSON body (``images``/``landmarks``/``aligned`` or ``crops``),
+        plus ``top_k`` and ``threshold`` (defaults: ``identity.*`` of the config); for each face
+        the top-k gallery identities by cosine and the decision (``identity`` or ``unknown``)."""
+        self._check_auth(request.headers.get("authorization"))
+        self._content_type(request, (_JSON,))
+        self.admission.check_open()
+        gallery = self.gallery.current()
+        body = await self._read_body(request)
+        (top_k, threshold), jobs = await self._json_plan(body, self._plan_identify)
+        embeddings, _ = await self.embed(await self._crops(jobs))
+        found = search(gallery, embeddings, top_k, threshold)
+        return JSONResponse({"results": found.to_dicts(), "threshold": threshold,
+                             "gallery_version": gallery.version, "gallery_identities": len(gallery),
+                             **self._response_fields()})
+
+    def _plan_identify(self, payload: Any):
+        own, rest = split_identify_payload(payload)
+        return (identify_params(own, self.identity.top_k, self.identity.threshold),
+                plan_embed_json(rest, self.limits))
+
     @api.get("/v1/info")
     async def http_info(self, request: Request) -> Response:
         """Diagnostics: the engine (backend, model, precision, contract, fallback report),
@@ -376,6 +404,26 @@ class EmbeddingDeployment:
     async def EmbedBatch(self, request: pb.EmbedBatchRequest, grpc_context=None) -> pb.EmbedResponse:
         self._grpc_auth(grpc_context)
         return await self._grpc_embed(list(request.faces), request.crops)
+
+    @grpc_method(pb.IdentifyRequest, pb.IdentifyResponse)
+    async def Identify(self, request: pb.IdentifyRequest, grpc_context=None) -> pb.IdentifyResponse:
+        self._grpc_auth(grpc_context)
+        self.admission.check_open()
+        gallery = self.gallery.current()
+        own = {"top_k": request.top_k or self.identity.top_k}
+        if request.HasField("threshold"):
+            own["threshold"] = request.threshold
+        top_k, threshold = identify_params(own, self.identity.top_k, self.identity.threshold)
+        plan = plan_grpc_faces(list(request.faces), request.crops, self.limits)
+        crops = plan if isinstance(plan, np.ndarray) else await self._crops(plan)
+        found = search(gallery, (await self.embed(crops))[0], top_k, threshold)
+        return pb.IdentifyResponse(
+            results=[pb.Identification(identity=r["identity"], match=r["match"], score=r["score"],
+                                       candidates=[pb.Candidate(**c) for c in r["candidates"]])
+                     for r in found.to_dicts()],
+            threshold=threshold, contract=self.engine_info.contract, model=self.engine_info.model_id,
+            gallery_version=gallery.version, gallery_identities=len(gallery),
+        )
 
     @grpc_method(pb.HealthRequest, pb.HealthResponse)
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:

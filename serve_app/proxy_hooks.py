@@ -160,7 +160,8 @@ def add_embedding_service(servicer, server) -> None:
 
     from .protos import embedding_pb2 as pb
 
-    responses = {"Embed": pb.EmbedResponse, "EmbedBatch": pb.EmbedResponse, "Health": pb.HealthResponse}
+    responses = {"Embed": pb.EmbedResponse, "EmbedBatch": pb.EmbedResponse, "Health": pb.HealthResponse,
+                 "Identify": pb.IdentifyResponse}
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=None,

@@ -22,6 +22,8 @@ class BatchingConfig:
 
     max_batch_size: int | None = field(default=None, metadata={"min": 1})  # None: engine opt batch
     batch_wait_timeout_s: float = field(default=0.02, metadata={"min": 0.0, "max": 10.0})
+    # Any new value reloads the gallery (its latest version) on every replica, without a restart.
+    gallery_reload: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ServeAppSettings:
     auth_token_env: str = "ARCFACE_SERVE_TOKEN"
     auth_token_file: str | None = None
     decode_threads: int = field(default=2, metadata={"min": 1})
+    gallery: str | None = None  # the gallery /v1/identify searches; default identity.gallery
 
 
 def parse_settings(args: dict[str, Any] | None) -> ServeAppSettings:

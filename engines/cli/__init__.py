@@ -1,7 +1,7 @@
 """The ``arcface`` command (also ``python -m engines``): one module per subcommand.
 
 Built-in subcommands live here (``models``, ``info``, ``compare``, ``bench``,
-``demo``, ``build``, ``engines``); the shells add theirs (``serve``,
+``demo``, ``build``, ``engines``, ``gallery``); the shells add theirs (``serve``,
 ``bench-serve``, ``embed-episodes``, ``sample-episodes``) through the
 ``arcface.commands`` entry points, so this package never imports ``serve_app``,
 ``data_jobs`` or Ray. Exit codes and ``--json``: see ``common``.
@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import bench, compare, demo, evaluate, info, models, plans
+from . import bench, compare, demo, evaluate, gallery, info, models, plans
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -28,8 +28,8 @@ from .common import (
 )
 from .plugins import COMMANDS_GROUP, load_plugins
 
-BUILT_IN = (models.COMMAND, info.COMMAND, compare.COMMAND, evaluate.COMMAND, bench.COMMAND, demo.COMMAND,
-            plans.BUILD, plans.ENGINES)
+BUILT_IN = (models.COMMAND, info.COMMAND, compare.COMMAND, evaluate.COMMAND, gallery.COMMAND, bench.COMMAND,
+            demo.COMMAND, plans.BUILD, plans.ENGINES)
 
 __all__ = [
     "EXIT_BAD_INPUT",

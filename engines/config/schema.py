@@ -135,6 +135,19 @@ class TensorRTConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """The gallery and 1:N decisions (``identity:`` in embedding.yaml; README "Gallery and identify").
+    The two cosine settings are model-specific: calibrate them (``arcface gallery calibrate``)."""
+
+    gallery: str | None = None  # default gallery (local path or s3://) for the CLI and the service
+    threshold: float = field(default=0.5, metadata={"min": -1.0, "max": 1.0})
+    top_k: int = field(default=5, metadata={"min": 1})
+    cluster_distance: float = field(default=0.5, metadata={"min": 0.0, "max": 2.0})
+    template_weighting: str = field(default="norm", metadata=_choices("norm", "uniform"))
+    fps: float = field(default=25.0, metadata={"min": 0.001})
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``config/embedding.yaml`` holds."""
 
@@ -144,4 +157,5 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})

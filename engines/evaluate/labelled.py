@@ -79,8 +79,10 @@ def load_crop(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return image
 
 
-def load_identity_dir(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LabelledFaces:
-    """Every image under ``root/<identity>/`` (sorted, so the order is reproducible)."""
+def load_identity_dir(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      min_identities: int = 2) -> LabelledFaces:
+    """Every image under ``root/<identity>/`` (sorted, so the order is reproducible); a verification
+    set needs two identities, a gallery enrollment (``min_identities=1``) one."""
     root = Path(root)
     if not root.is_dir():
         raise LabelledInputError(f"{root} is not a directory of <identity>/<image> files")
@@ -91,9 +93,10 @@ def load_identity_dir(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Label
                 crops.append(load_crop(image, max_pixels))
                 identities.append(folder.name)
                 paths.append(str(image))
-    if len(set(identities)) < 2:
+    if len(set(identities)) < min_identities or not crops:
         raise LabelledInputError(
-            f"{root}: need images of at least two identities in <identity>/<image> folders, found "
+            f"{root}: need images of at least {max(min_identities, 1)} identities in <identity>/<image> "
+            "folders, found "
             f"{len(set(identities))} ({len(crops)} images)"
         )
     return LabelledFaces(np.stack(crops), tuple(identities), tuple(paths))

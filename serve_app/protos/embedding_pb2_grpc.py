@@ -49,6 +49,11 @@ class EmbeddingServiceStub:
                 request_serializer=serve__app_dot_protos_dot_embedding__pb2.HealthRequest.SerializeToString,
                 response_deserializer=serve__app_dot_protos_dot_embedding__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Identify = channel.unary_unary(
+                '/arcface.v1.EmbeddingService/Identify',
+                request_serializer=serve__app_dot_protos_dot_embedding__pb2.IdentifyRequest.SerializeToString,
+                response_deserializer=serve__app_dot_protos_dot_embedding__pb2.IdentifyResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -75,6 +80,13 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Identify(self, request, context):
+        """1:N: each face's top-k gallery identities, and a match or "unknown" at the threshold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=serve__app_dot_protos_dot_embedding__pb2.HealthRequest.FromString,
                     response_serializer=serve__app_dot_protos_dot_embedding__pb2.HealthResponse.SerializeToString,
+            ),
+            'Identify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Identify,
+                    request_deserializer=serve__app_dot_protos_dot_embedding__pb2.IdentifyRequest.FromString,
+                    response_serializer=serve__app_dot_protos_dot_embedding__pb2.IdentifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class EmbeddingService:
             '/arcface.v1.EmbeddingService/Health',
             serve__app_dot_protos_dot_embedding__pb2.HealthRequest.SerializeToString,
             serve__app_dot_protos_dot_embedding__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Identify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arcface.v1.EmbeddingService/Identify',
+            serve__app_dot_protos_dot_embedding__pb2.IdentifyRequest.SerializeToString,
+            serve__app_dot_protos_dot_embedding__pb2.IdentifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -233,7 +233,7 @@ def test_lance_top_k_returns_the_tracks_a_brute_force_search_over_parquet_finds(
 
 def test_a_store_of_another_contract_is_refused_before_any_work(watched, synthetic, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=r"holds embedding contract .* this job writes contract"):
+    with pytest.raises(ConfigError, match=r"holds embedding contract .* this run uses contract"):
         run_job(
             spec(synthetic.manifest, str(out), model="synthetic:mobilefacenet@7", lance_uri=watched["store"])
         )

@@ -20,7 +20,7 @@ from data_jobs.decode import DecodeLimits, decode_batch
 from data_jobs.safe_read import InputRefused, read_limited
 from data_jobs.sample import make_sample_episodes
 from data_jobs.sources import InputError, discover
-from data_jobs.storage import locate
+from engines import locate
 from engines.base.align import norm_crop
 
 

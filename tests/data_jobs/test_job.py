@@ -25,8 +25,7 @@ from data_jobs.reader import read_committed
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
 from data_jobs.sources import discover
-from data_jobs.storage import locate
-from engines import ConfigError, get_engine
+from engines import ConfigError, get_engine, locate
 from engines.base.align import norm_crop
 
 pytestmark = pytest.mark.integration
@@ -306,7 +305,7 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_pa
     # the Lance store on S3, read with lancedb through the same endpoint
     import lancedb
 
-    from data_jobs.vector_store import lance_storage_options
+    from engines.store.vector_store import lance_storage_options
 
     db = lancedb.connect("s3://frames/store", storage_options=lance_storage_options("s3://frames/store",
                                                                                      s3_endpoint, None))

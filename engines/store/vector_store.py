@@ -27,8 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from engines import ConfigError
-
+from ..errors import ConfigError
 from .storage import exists, list_files, locate, read_bytes, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ class VectorStore:
             if meta.get("contract") != self.contract:
                 raise ConfigError(
                     f"vector store {self.uri} holds embedding contract {meta.get('contract')} (model "
-                    f"{meta.get('model_id')}); this job writes contract {self.contract} (model {model_id}). "
+                    f"{meta.get('model_id')}); this run uses contract {self.contract} (model {model_id}). "
                     "Vectors of different contracts are not comparable: use another store"
                 )
             return self
@@ -119,7 +118,27 @@ class VectorStore:
         logger.info("created vector store %s (contract %s)", self.uri, self.contract)
         return self
 
+    def read_stamp(self) -> dict[str, Any] | None:
+        """The store's stamp (contract, model id, dimension), or None for a store not created yet:
+        what a reader that has no engine (``arcface gallery ls``) learns the contract from."""
+        stamp = self._root().join(STAMP)
+        if not exists(stamp):
+            return None
+        try:
+            return json.loads(read_bytes(stamp.fs, stamp.path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"vector store {self.uri}: unreadable {STAMP} ({exc})") from None
+
     # ---- tables ----
+
+    def overwrite(self, name: str, table: pa.Table):
+        """Replace every row of ``name`` with ``table`` (created if new): one new Lance version,
+        committed atomically, so a reader sees the old rows or the new ones, never a mix. For small
+        tables rewritten whole (a gallery's identities and members), not for vectors of a job."""
+        lance = import_lance()
+        table = table.replace_schema_metadata(self.stamped(table.schema).metadata)
+        return lance.write_dataset(table, self.table_uri(name), schema=table.schema, mode="overwrite",
+                                   storage_options=self.storage_options)
 
     def stamped(self, schema: pa.Schema) -> pa.Schema:
         return schema.with_metadata({**(schema.metadata or {}), CONTRACT_KEY: self.contract.encode()})

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engines import ConfigError
+from ..errors import ConfigError
 
 # ``write_atomic``'s temporary names: a crash between write and rename leaves one behind,
 # and only names of exactly this form are ever cleaned up as this job's own.
