@@ -53,6 +53,7 @@ def engine_options(cfg: Config, device: str) -> EngineOptions:
         cache_dir=cfg.storage.cache_dir,
         max_drift_cosine=cfg.validation.max_drift_cosine,
         preprocess=emb.preprocess,
+        quantization=cfg.quantization,
     )
 
 

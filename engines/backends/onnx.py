@@ -208,7 +208,8 @@ class OnnxEngine(BaseEngine):
                     f"onnx backend cannot run {self.model.model_id} ({self.model.precision}) in "
                     f"{wanted}; it runs fp32 graphs and their {list(CONVERTIBLE)} conversions"
                 )
-            self.graph = convert_model(self.model, wanted, cache_dir=self.cache_dir)
+            self.graph = convert_model(self.model, wanted, cache_dir=self.cache_dir,
+                                       quantization=self.options.quantization)
         self.graph = self._with_graph_preprocessing(self.graph)
         if self.graph.precision == "int8" and self.options.device == "cpu" and not cpu_has_int8_dot():
             # MLAS's AVX2 kernels sum u8 x s8 pairs in saturating int16 (vpmaddubsw): the

@@ -139,7 +139,8 @@ class OpenVinoEngine(BaseEngine):
             )
         graph = self.model
         if precision == "int8" and graph.precision == "fp32":
-            graph = convert_model(graph, "int8", cache_dir=self.cache_dir)
+            graph = convert_model(graph, "int8", cache_dir=self.cache_dir,
+                                  quantization=self.options.quantization)
         graph = self._with_graph_preprocessing(graph)
         props = self._compile_properties(precision)
         try:

@@ -103,7 +103,8 @@ class TensorRTEngine(BaseEngine):
 
         def resolve(rebuild: bool):
             return get_or_build_plan(self.model, trt_cfg, device_id=device_id, measure_drift=measure,
-                                     rebuild=rebuild, prepare=self._with_graph_preprocessing)
+                                     rebuild=rebuild, prepare=self._with_graph_preprocessing,
+                                     quantization=self.options.quantization)
 
         def load(entry) -> TrtRunner:
             return TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))
