@@ -3,21 +3,23 @@
 One Q/DQ graph for every runtime (ONNX Runtime, OpenVINO, TensorRT's explicit
 quantisation), so its form is the strictest of theirs:
 
-- **Only the inputs of weighted layers** (``Conv``, ``Gemm``) are quantised: the
-  activation they read and their weights, symmetric int8 (zero point 0, which
-  TensorRT requires), weights per output channel. Their outputs stay float
-  (``OpTypesToExcludeOutputQuantization``), and every other reader of a quantised
-  tensor (a residual ``Add``, ``BatchNormalization``, ``PRelu``) reads the float
-  tensor, not its dequantised copy (``float_for_unquantized_readers``). Every Q/DQ
-  pair adds rounding noise, while the speed is in the weighted layers' int8 dot
-  products; on the synthetic IResNet-50 this placement alone takes full int8 from
-  min cosine 0.986 to 0.995 against fp32 (README "int8").
+- **Weighted layers** (``Conv``, ``Gemm``) are quantised: the activation they read
+  and their weights, symmetric int8 (zero point 0, which TensorRT requires),
+  weights per output channel, and their output (ONNX Runtime fuses
+  ``DQ -> Conv -> Q`` into ``QLinearConv`` only with the output ``QuantizeLinear``:
+  without it the layer runs in fp32 on dequantised values, no faster than fp32).
+  Every other reader of a quantised tensor that no quantised layer wrote (a
+  residual ``Add``, ``PRelu``) reads the float tensor, not its dequantised copy
+  (``settle_qdq``): every Q/DQ pair adds rounding noise, and only these serve a
+  layer's int8 dot products.
 - **Biases stay fp32** (``QuantizeBias: False``: ONNX Runtime's default puts int32
   biases behind a ``DequantizeLinear``, and TensorRT dequantizes int8 / fp8 / int4 /
   fp4 only) and BatchNormalization is never quantised (TensorRT's importer wants its
   parameters as constants). ``dequantize_input_problems`` checks the written graph.
-- **Layers kept in fp32** (``keep_fp32``, found by ``int8_search``) are not quantised
-  at all (``nodes_to_exclude``): mixed int8.
+- **Layers kept in fp32** (``keep_fp32``, found by ``int8_search``) read float
+  inputs and their fp32 weights (``mixed_graph``): mixed int8. The final graph is
+  made the way the search measured it (the full int8 graph, then ``mixed_graph``),
+  so what the search measured is what runs.
 
 Calibration runs once per (source graph, calibration settings) and its tensor ranges
 are cached (ORT's ``calibration_cache_path``), so the sensitivity search and the final
@@ -53,7 +55,6 @@ INT8_EXTRA_OPTIONS: dict[str, Any] = {
     "ActivationSymmetric": True,
     "WeightSymmetric": True,
     "QuantizeBias": False,
-    "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),
 }
 _METHODS = {"percentile": "Percentile", "minmax": "MinMax", "entropy": "Entropy"}
 # TensorRT's DequantizeLinear accepts these inputs only (no int32, so no quantised biases).
@@ -96,7 +97,7 @@ def int8_recipe(q: QuantizationConfig, keep_fp32: Sequence[str] = ()) -> dict[st
         "activation_type": "QInt8", "weight_type": "QInt8", "per_channel": True,
         **calibration_recipe(q),
         "op_types_to_quantize": list(WEIGHTED_OPS), "extra_options": extra,
-        "float_for_unquantized_readers": True,
+        "qdq_placement": "inputs and outputs of quantised weighted layers only (settle_qdq)",
         "keep_fp32": list(keep_fp32),
         "pre_process": "quant_pre_process(skip_symbolic_shape=True)",
     }
@@ -137,10 +138,11 @@ def calibration_cache(source: ResolvedModel, q: QuantizationConfig, cache_dir: s
 
 
 def quantize(source: ResolvedModel, dest: Path, recipe: dict[str, Any], ranges: Path) -> Any:
-    """The Q/DQ ``onnx.ModelProto`` of ``source`` as ``recipe`` says (not saved: the caller stamps it).
+    """The full int8 Q/DQ ``onnx.ModelProto`` of ``source`` as ``recipe`` says, every weighted layer
+    quantised (``recipe["keep_fp32"]`` is applied by ``mixed_graph``, not here); not saved: the
+    caller makes it mixed and stamps it. ``dest`` is a scratch path the quantiser writes.
 
-    ``ranges`` is the calibration cache: read when it exists, written otherwise. Raises
-    ``EngineError`` if the result dequantizes anything TensorRT cannot.
+    ``ranges`` is the calibration cache: read when it exists, written otherwise.
     """
     import onnx
     import onnxruntime as ort
@@ -188,7 +190,6 @@ def quantize(source: ResolvedModel, dest: Path, recipe: dict[str, Any], ranges: 
                     per_channel=recipe["per_channel"],
                     calibrate_method=getattr(CalibrationMethod, recipe["calibrate_method"]),
                     op_types_to_quantize=list(recipe["op_types_to_quantize"]),
-                    nodes_to_exclude=list(recipe["keep_fp32"]),
                     extra_options=dict(recipe["extra_options"]),
                     calibration_cache_path=str(written),
                 )
@@ -198,16 +199,22 @@ def quantize(source: ResolvedModel, dest: Path, recipe: dict[str, Any], ranges: 
             pre.unlink(missing_ok=True)
             if written != ranges:
                 written.unlink(missing_ok=True)
-    quantized = onnx.load(str(dest))
-    if recipe["float_for_unquantized_readers"]:
-        float_for_unquantized_readers(quantized)
-    problems = dequantize_input_problems(quantized)
+    return onnx.load(str(dest))
+
+
+def mixed_graph(full, source, keep_fp32: Sequence[str], model_id: str = "model") -> Any:
+    """The int8 graph with the layers ``keep_fp32`` in fp32 (``keep_float``) and the Q/DQ pairs
+    settled (``settle_qdq``): what the search measures and what the converted file holds. Raises
+    ``EngineError`` if it dequantizes anything TensorRT cannot."""
+    out = keep_float(full, source, keep_fp32)
+    settle_qdq(out)
+    problems = dequantize_input_problems(out)
     if problems:
         raise EngineError(
-            f"the int8 graph of {source.model_id} has {len(problems)} DequantizeLinear node(s) TensorRT "
+            f"the int8 graph of {model_id} has {len(problems)} DequantizeLinear node(s) TensorRT "
             f"cannot build (it dequantizes {'/'.join(TENSORRT_DQ_INPUT_TYPES)} only): {problems[:3]}"
         )
-    return quantized
+    return out
 
 
 def _producers(graph) -> dict[str, Any]:
@@ -229,8 +236,9 @@ def weighted_layers(model) -> list[str]:
 
 def keep_float(model, source, names: Sequence[str]) -> Any:
     """A copy of the Q/DQ ``model`` in which the nodes ``names`` read float inputs and their
-    fp32 weights (from ``source``, the fp32 graph): what ``nodes_to_exclude`` would give from the
-    same ranges, without quantising again. Q/DQ nodes nobody reads any more are dropped."""
+    fp32 weights (from ``source``, the fp32 graph), from the same ranges, without quantising again;
+    an input a still-int8 layer wrote stays its dequantised copy (that layer's output Q is what
+    ONNX Runtime fuses it with). Q/DQ nodes nobody reads any more are dropped."""
     import onnx
 
     out = onnx.ModelProto()
@@ -240,6 +248,8 @@ def keep_float(model, source, names: Sequence[str]) -> Any:
     have = {init.name for init in graph.initializer}
     fp32 = {init.name: init for init in source.graph.initializer}
     wanted = set(names)
+    still_int8 = set(weighted_layers(out)) - wanted
+    fused_outputs = {o for node in graph.node if node.name in still_int8 for o in node.output}
     for node in graph.node:
         if node.name not in wanted:
             continue
@@ -256,19 +266,24 @@ def keep_float(model, source, names: Sequence[str]) -> Any:
                     graph.initializer.append(fp32[original])
                     have.add(original)
                 node.input[k] = original
-            else:  # an activation: what its QuantizeLinear read
+            elif producer[quantized].input[0] not in fused_outputs:  # an activation: what its Q read
                 node.input[k] = producer[quantized].input[0]
+            # else: an int8 layer wrote it, fused with that Q: this layer reads the dequantised copy
     _drop_unread(out)
     return out
 
 
-def float_for_unquantized_readers(model) -> int:
-    """Point every node that is not a quantised weighted layer (and not Q/DQ itself) at the float
-    tensor instead of its dequantised copy; returns how many inputs changed."""
-    producer = _producers(model.graph)
+def settle_qdq(model) -> int:
+    """Point every reader of a dequantised copy at the float tensor itself, unless it is a quantised
+    weighted layer (it needs the int8 input) or a quantised layer wrote the tensor (ONNX Runtime fuses
+    that layer with its output ``QuantizeLinear`` only when the Q is its sole reader); Q/DQ nodes
+    nobody reads any more are dropped. Returns how many inputs changed."""
+    graph = model.graph
+    producer = _producers(graph)
     quantized = set(weighted_layers(model))
+    fused_outputs = {out for node in graph.node if node.name in quantized for out in node.output}
     changed = 0
-    for node in model.graph.node:
+    for node in graph.node:
         if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         for k, name in enumerate(node.input):
@@ -276,7 +291,7 @@ def float_for_unquantized_readers(model) -> int:
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             q = producer.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in fused_outputs:
                 node.input[k] = q.input[0]
                 changed += 1
     _drop_unread(model)

@@ -7,7 +7,7 @@ that matter, in three steps on the fp32 source graph:
 1. **Quantise every weighted layer** (``int8_recipe.quantize``, calibration as
    configured): the full int8 graph.
 2. **Sensitivity, one layer at a time**: for each weighted layer, the graph with
-   only that layer quantised (``int8_recipe.keep_float`` over all the others)
+   only that layer quantised (``int8_recipe.mixed_graph`` keeping all the others)
    embeds the first ``SENSITIVITY_FACES`` eval faces; its sensitivity is the mean
    of ``1 - cosine`` against fp32. Rounding noise from separate layers adds up
    (in variance), so the sum of the sensitivities predicts full int8's drift.
@@ -42,7 +42,7 @@ from .int8_recipe import (
     calibration_recipe,
     digest,
     int8_recipe,
-    keep_float,
+    mixed_graph,
     quantize,
     version,
     weighted_layers,
@@ -104,7 +104,7 @@ class _Simulator:
 
 
 def _measure(sim: _Simulator, full: Any, source: Any, keep: list[str]) -> dict[str, float]:
-    cos = sim.cosines(keep_float(full, source, keep))
+    cos = sim.cosines(mixed_graph(full, source, keep))
     return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
 
 
@@ -133,7 +133,7 @@ def run_search(source: ResolvedModel, q: QuantizationConfig, cache_dir: str | No
     sensitivity: dict[str, float] = {}
     for layer in tqdm(layers, desc=f"int8 sensitivity {source.model_id}", unit="layer",
                       disable=None if progress is None else not progress):
-        alone = keep_float(full, fp32, [other for other in layers if other != layer])
+        alone = mixed_graph(full, fp32, [other for other in layers if other != layer])
         sensitivity[layer] = float(1.0 - sim.cosines(alone, n_sens).mean())
     order = sorted(layers, key=lambda name: (-sensitivity[name], layers.index(name)))
     steps: dict[int, dict[str, float]] = {}

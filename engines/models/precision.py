@@ -42,6 +42,7 @@ from .int8_recipe import (
     dequantize_input_problems,
     digest,
     int8_recipe,
+    mixed_graph,
     quantize,
     version,
 )
@@ -147,7 +148,8 @@ def _to_int8(source: ResolvedModel, dest: Path, recipe: dict[str, Any], search: 
              quantization: QuantizationConfig, cache_dir: str | None) -> None:
     import onnx
 
-    quantized = quantize(source, dest, recipe, calibration_cache(source, quantization, cache_dir))
+    full = quantize(source, dest, recipe, calibration_cache(source, quantization, cache_dir))
+    quantized = mixed_graph(full, onnx.load(source.path), recipe["keep_fp32"], source.model_id)
     method = recipe["calibrate_method"].lower()
     if "calibration_percentile" in recipe:
         method += f" {recipe['calibration_percentile']}"
@@ -157,7 +159,8 @@ def _to_int8(source: ResolvedModel, dest: Path, recipe: dict[str, Any], search: 
         "int8",
         {
             "arcface_ray.converter": "onnxruntime.quantization.quantize_static(QDQ, symmetric s8s8 on the "
-            "inputs of Conv/Gemm, per-channel weights, fp32 biases, BatchNormalization unquantised)",
+            "inputs and outputs of Conv/Gemm, per-channel weights, fp32 biases, BatchNormalization "
+            "unquantised)",
             "arcface_ray.calibration": f"{recipe['calibration_size']} jittered faces, seed "
             f"{recipe['calibration_seed']}, {method}",
             "arcface_ray.int8_keep_fp32": json.dumps(recipe["keep_fp32"]),
