@@ -32,6 +32,7 @@ from ..base.engine import BaseEngine
 from ..config.schema import OpenVinoConfig
 from ..errors import BackendUnavailable
 from ..hardware import cpu_has_bf16, cpu_has_fp16, cpu_has_int8_dot
+from ..models.int8_recipe import for_backend
 from ..models.precision import convert_model
 from .registry import register
 
@@ -140,7 +141,7 @@ class OpenVinoEngine(BaseEngine):
         graph = self.model
         if precision == "int8" and graph.precision == "fp32":
             graph = convert_model(graph, "int8", cache_dir=self.cache_dir,
-                                  quantization=self.options.quantization)
+                                  quantization=for_backend(self.options.quantization, "openvino"))
         graph = self._with_graph_preprocessing(graph)
         props = self._compile_properties(precision)
         try:

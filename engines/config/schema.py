@@ -107,6 +107,11 @@ class QuantizationConfig:
     # auto: keep in fp32 the weighted layers the sensitivity search finds it must (mixed int8);
     # none: every Conv / Gemm in int8 (full int8: fastest, drifts most)
     keep_fp32: str = field(default="auto", metadata=_choices("auto", "none"))
+    # Q/DQ on the weighted layers' outputs too: ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv
+    # only with it (else int8 runs at fp32 speed); OpenVINO and TensorRT run int8 from the inputs'
+    # Q/DQ alone, and each extra Q/DQ adds rounding noise. auto: always for the onnx backend, never
+    # for openvino / tensorrt (and ``arcface models convert``)
+    quantize_outputs: str = field(default="auto", metadata=_choices("auto", "always", "never"))
     # the search stops excluding layers once min cosine to fp32 on search_faces eval faces >= this
     target_min_cosine: float = field(default=0.9992, metadata={"min": 0.0, "max": 1.0})
     search_faces: int = field(default=64, metadata={"min": 2})
