@@ -67,6 +67,13 @@ def _table(rows: list[dict[str, Any]], with_model: bool) -> list[str]:
     return lines
 
 
+def _recipe_lines(facts: dict[str, Any], with_model: bool) -> list[str]:
+    """One line per int8 row: the recipe its graph carries (layers kept fp32, calibration, bound)."""
+    prefix = f"{facts['model']} " if with_model else ""
+    return [f"- int8 recipe, {prefix}{label}: {item['summary']}"
+            for label, item in facts.get("int8", {}).items()]
+
+
 def summary_markdown(report: dict[str, Any], batch: int = 32) -> str:
     """The README's part: machine, command, the rows at ``batch`` (or the largest measured)."""
     batches = sorted({r["batch_size"] for r in report["rows"]})
@@ -80,6 +87,9 @@ def summary_markdown(report: dict[str, Any], batch: int = 32) -> str:
         "",
         *_table(rows, with_model=True),
     ]
+    recipes = [line for facts in report["models"] for line in _recipe_lines(facts, with_model=True)]
+    if recipes:
+        lines += ["", *recipes]
     return "\n".join(lines)
 
 
@@ -109,6 +119,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             *_table(rows, with_model=False),
         ]
+        recipes = _recipe_lines(facts, with_model=False)
+        if recipes:
+            lines += ["", *recipes]
     lines += ["", "![throughput against batch size](report.png)"]
     return "\n".join(lines)
 

@@ -61,6 +61,7 @@ class ReportRow:
     drift_gate: str  # pass | refuse | reference
     auto: bool  # the backend and precision ``auto`` picks on this machine
     error: str | None = None
+    recipe: str | None = None  # int8 rows: the graph's recipe (``precision.recipe_summary``)
 
 
 def candidates(device: str) -> list[tuple[str, str]]:
@@ -169,6 +170,9 @@ def _model_rows(
                 auto=(backend, precision) == auto_pick,
                 error=runner.error,
             ))
+    recipes = _int8_recipes(runners)
+    for row in rows:
+        row.recipe = recipes.get((row.backend, row.precision), {}).get("summary")
     for (backend, precision), runner in runners.items():
         peak, device_mb = runner.stop()
         for row in rows:
@@ -176,8 +180,23 @@ def _model_rows(
                 row.peak_mem_mb = device_mb if device_mb is not None else peak
     facts = {"model": model, "sha256": resolved.sha256, "macs_per_face": macs,
              "auto": {"backend": auto_pick[0], "precision": auto_pick[1], "error": auto.error,
-                      "fallback": auto.info.get("fallback")}}
+                      "fallback": auto.info.get("fallback")},
+             "int8": {f"{backend} {precision}": facts for (backend, precision), facts in recipes.items()}}
     return rows, facts
+
+
+def _int8_recipes(runners: dict[tuple[str, str], Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """What each int8 row ran: the recipe and search summary its graph carries in its metadata."""
+    from ..models.precision import int8_facts
+
+    out = {}
+    for key, runner in runners.items():
+        path = runner.info.get("model_path")
+        if key[1] == "int8" and path and not runner.error:
+            facts = int8_facts(path)
+            if facts is not None:
+                out[key] = facts
+    return out
 
 
 def run_report(

@@ -24,6 +24,10 @@ def run(args: argparse.Namespace) -> int:
         model = convert_model(model, args.precision, cache_dir=cfg.storage.cache_dir,
                               quantization=quantization)
     out = model.to_dict()
+    if model.precision == "int8":
+        from ..models.precision import int8_facts
+
+        out["int8"] = int8_facts(model.path)
     if args.models_cmd == "convert":
         drift = conversion_drift(source, model, n_faces=cfg.validation.eval_set_size,
                                  max_drift=cfg.validation.max_drift_cosine, cache_dir=cfg.storage.cache_dir)
@@ -36,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         gmacs = out.get("gmacs_per_face")
         print(f"GMACs   {gmacs:.3f} per face" if gmacs else "GMACs   unknown")
         print(f"precision {out['precision']}")
+        if out.get("int8"):
+            print(f"int8    {out['int8']['summary']}")
         if "drift_vs_fp32" in out:
             d = out["drift_vs_fp32"]
             print(f"drift   vs fp32 on this CPU ({d['n']} faces, {d['measured_with']}): min cosine "

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 CONVERTIBLE = ("fp16", "int8")
 __all__ = ["CONVERTIBLE", "INT8_EXTRA_OPTIONS", "TENSORRT_DQ_INPUT_TYPES", "WEIGHTED_OPS",
            "conversion_recipe", "convert_model", "converted_path", "dequantize_input_problems",
-           "recipe_digest"]
+           "int8_facts", "recipe_digest", "recipe_summary"]
 
 
 def conversion_recipe(precision: str, quantization: QuantizationConfig | None = None,
@@ -140,8 +140,36 @@ def search_summary(search: dict[str, Any] | None) -> dict[str, Any]:
     if search is None:
         return {"keep_fp32": "none: every weighted layer in int8"}
     return {key: search[key] for key in ("target_min_cosine", "search_faces", "sensitivity_faces",
-                                         "measured_with", "layers", "keep_fp32", "min_cosine", "mean_cosine",
-                                         "full_int8", "int8_mac_share")}
+                                         "measured_with", "layers", "order", "keep_fp32", "min_cosine",
+                                         "mean_cosine", "full_int8", "int8_mac_share", "seconds")}
+
+
+def int8_facts(path: str) -> dict[str, Any] | None:
+    """The recipe and search summary an int8 graph carries in its ONNX metadata (``None`` for a
+    graph without them): what ``arcface models`` and the bench report show."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    if props.get("arcface_ray.precision") != "int8" or "arcface_ray.recipe" not in props:
+        return None
+    recipe = json.loads(props["arcface_ray.recipe"])
+    search = json.loads(props.get("arcface_ray.int8_search", "{}"))
+    return {"recipe": recipe, "search": search, "summary": recipe_summary(recipe, search)}
+
+
+def recipe_summary(recipe: dict[str, Any], search: dict[str, Any]) -> str:
+    """One line: which layers stay fp32, the calibration, the placement and the search's bound."""
+    method = recipe["calibrate_method"].lower()
+    if "calibration_percentile" in recipe:
+        method += f" {recipe['calibration_percentile']}"
+    placement = "output Q/DQ" if "inputs and outputs" in recipe.get("qdq_placement", "") else "input Q/DQ"
+    calibration = f"{method}, {recipe['calibration_size']} faces, {placement}"
+    if "layers" not in search:
+        return f"full int8 (every weighted layer), {calibration}"
+    return (f"mixed: {len(recipe['keep_fp32'])}/{search['layers']} layers fp32 "
+            f"({100 * search['int8_mac_share']:.0f}% of MACs int8), {calibration}; search bound "
+            f"{search['target_min_cosine']} on {search['search_faces']} faces "
+            f"(min {search['min_cosine']:.5f})")
 
 
 def _to_int8(source: ResolvedModel, dest: Path, recipe: dict[str, Any], search: dict[str, Any] | None,
