@@ -76,6 +76,14 @@ class OpenVinoEngine(BaseEngine):
     config_section = "openvino"
     settings_type = OpenVinoConfig
 
+    @classmethod
+    def retry_precisions(cls, settings: OpenVinoConfig | None) -> tuple[str, ...]:
+        """After ``auto``'s pick, each further natively supported precision of ``auto_precisions``
+        (int8 refused by the gate: bf16 next), then fp32."""
+        ok = supported_precisions()
+        order = [p for p in (settings or OpenVinoConfig()).auto_precisions if ok.get(p, "unknown") is None]
+        return tuple(dict.fromkeys([*order[1:], "fp32"]))
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._compiled: Any = None

@@ -88,6 +88,12 @@ class BaseEngine(ABC):
     # then adds an fp32 retry of the backend behind it in the chain.
     auto_may_reduce_precision: bool = False
 
+    @classmethod
+    def retry_precisions(cls, settings: Any) -> tuple[str, ...]:
+        """With ``auto_may_reduce_precision``: the precisions the chain retries this backend in, in
+        order, when the drift gate refuses the one ``auto`` picked (``settings``: its config section)."""
+        return ("fp32",)
+
     def __init__(self, model: ResolvedModel, options: EngineOptions | None = None,
                  settings: Any = None) -> None:
         self.model = model

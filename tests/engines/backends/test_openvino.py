@@ -170,3 +170,15 @@ def test_mixed_int8_passes_the_gate_that_refuses_full_int8(mbf_model, tmp_path):
     attempt = info.fallback["attempts"][0]
     assert attempt["status"] == "selected"
     assert attempt["drift"]["min_cosine_sim"] >= 1 - cfg.validation.max_drift_cosine
+
+
+def test_auto_retries_each_lower_native_precision_of_its_order_then_fp32():
+    """int8 refused by the gate: bf16 next (where native), then fp32, never a precision the CPU lacks."""
+    from engines.factory import with_precision_retries
+
+    cfg = load_config()
+    cfg = replace(cfg, openvino=replace(cfg.openvino, auto_precisions=("int8", "bf16", "fp32")))
+    native = [p for p in ("int8", "bf16") if supported_precisions()[p] is None]
+    retries = [f"openvino:{p}" for p in native[1:]] + ["openvino:fp32"]
+    assert with_precision_retries(["openvino", "onnx"], "auto", cfg) == ["openvino", *retries, "onnx"]
+    assert with_precision_retries(["openvino", "onnx"], "int8", cfg) == ["openvino", "onnx"]
