@@ -68,10 +68,24 @@ def _table(rows: list[dict[str, Any]], with_model: bool) -> list[str]:
 
 
 def _recipe_lines(facts: dict[str, Any], with_model: bool) -> list[str]:
-    """One line per int8 row: the recipe its graph carries (layers kept fp32, calibration, bound)."""
+    """One line per int8 row: the recipe its graph carries (layers kept fp32, calibration, bound);
+    with ``--accuracy`` one line of each engine's verification accuracy and its delta."""
     prefix = f"{facts['model']} " if with_model else ""
-    return [f"- int8 recipe, {prefix}{label}: {item['summary']}"
-            for label, item in facts.get("int8", {}).items()]
+    lines = [f"- int8 recipe, {prefix}{label}: {item['summary']}"
+             for label, item in facts.get("int8", {}).items()]
+    acc = facts.get("accuracy")
+    if acc:
+        cells = []
+        for spec, figures in acc["engines"].items():
+            delta = figures.get("delta_vs_reference", {}).get("accuracy")
+            shown = f"{figures['accuracy_kfold']:.4f}"
+            if delta:
+                shown += f" ({delta['delta']:+.4f}, 95% CI {delta['ci_low']:+.4f} .. {delta['ci_high']:+.4f})"
+            cells.append(f"{spec} {shown}")
+        lines.append(f"- verification accuracy, {prefix}{acc['faces']} jittered faces of {acc['identities']} "
+                     f"identities, {acc['pairs']} pairs (delta vs the reference): " + "; ".join(cells)
+                     + (f". {acc['note']}" if acc.get("note") else ""))
+    return lines
 
 
 def summary_markdown(report: dict[str, Any], batch: int = 32) -> str:

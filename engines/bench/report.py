@@ -62,6 +62,10 @@ class ReportRow:
     auto: bool  # the backend and precision ``auto`` picks on this machine
     error: str | None = None
     recipe: str | None = None  # int8 rows: the graph's recipe (``precision.recipe_summary``)
+    # with --accuracy: 10-fold verification accuracy on the jittered test identities, and its
+    # paired-bootstrap delta against the reference's (``bench.accuracy``)
+    accuracy: float | None = None
+    accuracy_delta: float | None = None
 
 
 def candidates(device: str) -> list[tuple[str, str]]:
@@ -199,6 +203,24 @@ def _int8_recipes(runners: dict[tuple[str, str], Any]) -> dict[tuple[str, str], 
     return out
 
 
+def _add_accuracy(model: str, rows: list[ReportRow], facts: dict[str, Any], cfg: Any) -> None:
+    """``arcface evaluate``'s figures for every engine that ran, reference first, into the rows."""
+    from .accuracy import accuracy_report
+
+    engines = list(dict.fromkeys((r.backend, r.precision) for r in rows if not r.error))
+    engines.sort(key=lambda key: key != REFERENCE)
+    if not engines or engines[0] != REFERENCE:
+        return
+    report = accuracy_report(f"synthetic:{model}", engines, cfg)
+    facts["accuracy"] = report
+    for row in rows:
+        figures = report["engines"].get(f"{row.backend}:{row.precision}")
+        if figures:
+            row.accuracy = figures["accuracy_kfold"]
+            delta = figures.get("delta_vs_reference", {}).get("accuracy")
+            row.accuracy_delta = delta["delta"] if delta else 0.0
+
+
 def run_report(
     out_dir: str | Path,
     models: tuple[str, ...] = REPORT_MODELS,
@@ -211,8 +233,11 @@ def run_report(
     progress: bool = True,
     timeout_s: float = 1800.0,
     command: str | None = None,
+    accuracy: bool = False,
 ) -> dict[str, Any]:
-    """Measure, then write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``."""
+    """Measure, then write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``.
+    ``accuracy``: also each engine's verification accuracy and its delta against the reference
+    (``bench.accuracy``; in this process, after the speed rounds)."""
     from tqdm import tqdm
 
     from ..config.loader import load_config
@@ -236,6 +261,9 @@ def run_report(
                 model, device, tuple(batches), faces_per_point, rounds, peaks, eval_size,
                 cfg.validation.max_drift_cosine, config_path, bar, timeout_s,
             )
+            if accuracy:
+                bar.set_postfix_str(f"{model} accuracy")
+                _add_accuracy(model, model_rows, facts, cfg)
             rows += model_rows
             model_facts.append(facts)
     report = {
@@ -247,6 +275,7 @@ def run_report(
         "eval_faces": eval_size,
         "faces_per_point": faces_per_point,
         "rounds": rounds,
+        "accuracy": accuracy,
         "seconds": round(time.time() - started, 1),
         "models": model_facts,
         "rows": [asdict(r) for r in rows],
