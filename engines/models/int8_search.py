@@ -17,7 +17,9 @@ that matter, in three steps on the fp32 source graph:
    (drift falls as layers leave int8). Two orders are tried: most sensitive first
    (fewest layers in fp32) and most sensitive per multiply-accumulate first (a
    greedy knapsack: cheap, noisy layers leave int8 first, so more of the work stays
-   in int8); the one leaving the larger share of MACs in int8 wins.
+   in int8); the one leaving the larger share of MACs in int8 wins. The second is
+   searched only up to the ``k`` where it would still beat the first (one step
+   when it cannot).
 
 Every measurement is on ONNX Runtime's CPU provider with graph optimisations off,
 so each ``DequantizeLinear -> op -> QuantizeLinear`` runs as written, in fp32
@@ -149,16 +151,24 @@ def run_search(source: ResolvedModel, q: QuantizationConfig, cache_dir: str | No
         # most sensitive per multiply-accumulate first: the most MACs left in int8 (greedy knapsack)
         "sensitivity_per_mac": sorted(layers, key=lambda name: (-per_mac(name), layers.index(name))),
     }
+    def share(keep: list[str]) -> float:
+        return round(1.0 - sum(macs.get(name, 0) for name in keep) / total, 4)
+
     choices: dict[str, dict[str, Any]] = {}
     for label, order in orders.items():
         def passes(k: int, label: str = label, order: list[str] = order) -> bool:
             return _step(steps, (label, k), sim, full, fp32, order[:k], q, source.model_id)
 
-        keep = order[:_bisect(passes, len(order))]
+        # a later order only matters where it leaves more MACs in int8 than the best so far: its
+        # largest such k bounds the bisection (and if even that k fails, every smaller one does too)
+        best_share = max((c["int8_mac_share"] for c in choices.values()), default=-1.0)
+        limit = max((k for k in range(len(order) + 1) if share(order[:k]) > best_share), default=-1)
+        if limit < 0 or (limit < len(order) and not passes(limit)):
+            continue
+        keep = order[:_bisect(passes, limit)]
         figures = steps.get((label, len(keep)), {"min_cosine": 1.0, "mean_cosine": 1.0})
         choices[label] = {
-            "keep_fp32": keep, **figures,
-            "int8_mac_share": round(1.0 - sum(macs.get(name, 0) for name in keep) / total, 4),
+            "keep_fp32": keep, **figures, "int8_mac_share": share(keep),
             "steps": {str(k): v for (lb, k), v in sorted(steps.items()) if lb == label},
         }
     best = max(choices, key=lambda label: (choices[label]["int8_mac_share"], label == "sensitivity"))
@@ -193,8 +203,8 @@ def _step(steps: dict, key: tuple[str, int], sim: _Simulator, full: Any, fp32: A
 
 
 def _bisect(passes, n: int) -> int:
-    """The smallest ``k`` in ``0..n`` with ``passes(k)``, given ``passes(n)`` (every layer in fp32 is
-    the source itself) and drift falling as ``k`` grows."""
+    """The smallest ``k`` in ``0..n`` with ``passes(k)``, given ``passes(n)`` (known: every layer in
+    fp32 is the source itself, or measured) and drift falling as ``k`` grows."""
     if passes(0):
         return 0
     low, high = 0, n  # low fails, high passes
