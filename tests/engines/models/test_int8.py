@@ -149,3 +149,17 @@ def test_mixed_int8_iresnet50_passes_the_drift_gate(r50_model):
     assert search["min_cosine"] >= QuantizationConfig().target_min_cosine
     drift = conversion_drift(r50_model, mixed, n_faces=32, max_drift=0.001)
     assert drift["passed"] and drift["min_cosine_sim"] >= 0.999
+
+
+@pytest.mark.parametrize("first_passing", [0, 1, 7, 19, 20])
+def test_bisection_finds_the_fewest_layers_that_pass_and_measures_few(first_passing):
+    from engines.models.int8_search import _bisect
+
+    asked: list[int] = []
+
+    def passes(k: int) -> bool:
+        asked.append(k)
+        return k >= first_passing
+
+    assert _bisect(passes, 20) == first_passing
+    assert 20 not in asked and len(asked) <= 6  # the all-fp32 end is the source: never measured
