@@ -108,9 +108,19 @@ class _Simulator:
             self._blob = blob
 
 
-def _measure(sim: _Simulator, full: Any, source: Any, keep: list[str]) -> dict[str, float]:
-    cos = sim.cosines(mixed_graph(full, source, keep))
-    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+def _measure(sim: _Simulator, full: Any, source: Any, keep: list[str], screen: int | None = None,
+             bound: float | None = None) -> dict[str, float]:
+    """Min / mean cosine to fp32 of the graph with ``keep`` in fp32. With ``screen`` and ``bound``:
+    on the first ``screen`` faces first, and where their min is already below ``bound`` that is the
+    answer (a subset's min is never below the whole set's: the verdict is the same, at a fraction
+    of the cost; ``faces`` says how many were embedded)."""
+    graph = mixed_graph(full, source, keep)
+    if screen and bound is not None:
+        cos = sim.cosines(graph, screen)
+        if cos.min() < bound:
+            return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "faces": len(cos)}
+    cos = sim.cosines(graph)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "faces": len(cos)}
 
 
 def run_search(source: ResolvedModel, q: QuantizationConfig, cache_dir: str | None,
@@ -196,9 +206,9 @@ def _step(steps: dict, key: tuple[str, int], sim: _Simulator, full: Any, fp32: A
           q: QuantizationConfig, model_id: str) -> bool:
     """Whether the graph with ``keep`` in fp32 reaches the bound (measured once per key)."""
     if key not in steps:
-        steps[key] = _measure(sim, full, fp32, keep)
-        logger.info("int8 search %s (%s): %d layer(s) in fp32 -> min cosine %.6f", model_id, key[0],
-                    len(keep), steps[key]["min_cosine"])
+        steps[key] = _measure(sim, full, fp32, keep, SENSITIVITY_FACES, q.target_min_cosine)
+        logger.info("int8 search %s (%s): %d layer(s) in fp32 -> min cosine %.6f on %d faces", model_id,
+                    key[0], len(keep), steps[key]["min_cosine"], steps[key]["faces"])
     return steps[key]["min_cosine"] >= q.target_min_cosine
 
 
