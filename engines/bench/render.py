@@ -67,7 +67,7 @@ def _table(rows: list[dict[str, Any]], with_model: bool) -> list[str]:
     return lines
 
 
-def _recipe_lines(facts: dict[str, Any], with_model: bool) -> list[str]:
+def _model_notes(facts: dict[str, Any], with_model: bool) -> list[str]:
     """One line per int8 row: the recipe its graph carries (layers kept fp32, calibration, bound);
     with ``--accuracy`` one line of each engine's verification accuracy and its delta."""
     prefix = f"{facts['model']} " if with_model else ""
@@ -101,7 +101,7 @@ def summary_markdown(report: dict[str, Any], batch: int = 32) -> str:
         "",
         *_table(rows, with_model=True),
     ]
-    recipes = [line for facts in report["models"] for line in _recipe_lines(facts, with_model=True)]
+    recipes = [line for facts in report["models"] for line in _model_notes(facts, with_model=True)]
     if recipes:
         lines += ["", *recipes]
     return "\n".join(lines)
@@ -133,7 +133,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             *_table(rows, with_model=False),
         ]
-        recipes = _recipe_lines(facts, with_model=False)
+        recipes = _model_notes(facts, with_model=False)
         if recipes:
             lines += ["", *recipes]
     lines += ["", "![throughput against batch size](report.png)"]
