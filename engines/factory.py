@@ -53,6 +53,7 @@ def engine_options(cfg: Config, device: str) -> EngineOptions:
         cache_dir=cfg.storage.cache_dir,
         max_drift_cosine=cfg.validation.max_drift_cosine,
         preprocess=emb.preprocess,
+        quantization=cfg.quantization,
     )
 
 
@@ -80,16 +81,19 @@ def _reference_maker(cfg: Config, model: ResolvedModel):
     return lambda: make_engine(cfg.validation.reference_backend, model, ref_cfg, "cpu")
 
 
-def with_precision_retries(chain: Sequence[str], precision: str) -> list[str]:
-    """With precision ``auto``, a backend that may pick a reduced precision gets a second
-    entry ``name:fp32``: if the drift gate refuses its bf16, its fp32 is the next best."""
+def with_precision_retries(chain: Sequence[str], precision: str, cfg: Config | None = None) -> list[str]:
+    """With precision ``auto``, a backend that may pick a reduced precision gets further entries
+    ``name:<precision>``, one per precision of its auto order below its first (``retry_precisions``;
+    ``fp32`` at least): if the drift gate refuses its int8, its bf16 is the next best, then fp32."""
     if precision != "auto":
         return list(chain)
     names: list[str] = []
     for name in chain:
         names.append(name)
         if name in backend_names() and get_backend_class(name).auto_may_reduce_precision:
-            names.append(f"{name}:fp32")
+            cls = get_backend_class(name)
+            settings = getattr(cfg, cls.config_section) if cfg is not None and cls.config_section else None
+            names += [f"{name}:{p}" for p in cls.retry_precisions(settings)]
     return names
 
 
@@ -100,7 +104,7 @@ def load_engine(cfg: Config | None = None, model: ResolvedModel | None = None) -
     device = resolve_device(emb.device)
     if model is None:
         model = configured_model(cfg)
-    chain = with_precision_retries(backend_chain(emb.backend, emb.fallback, device), emb.precision)
+    chain = with_precision_retries(backend_chain(emb.backend, emb.fallback, device), emb.precision, cfg)
 
     def make(entry: str) -> BaseEngine:
         name, _, precision = entry.partition(":")

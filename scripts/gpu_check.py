@@ -276,7 +276,8 @@ def step_onnx_parse(args: argparse.Namespace) -> StepResult:
     model = resolve_model(args.model, cache_dir=cfg.storage.cache_dir)
     graphs = {"fp32": model}
     for precision in ("fp16", "int8"):
-        graphs[precision] = convert_model(model, precision, cache_dir=cfg.storage.cache_dir)
+        graphs[precision] = convert_model(model, precision, cache_dir=cfg.storage.cache_dir,
+                                          quantization=cfg.quantization)
     details, failed = {}, []
     for precision, graph in graphs.items():
         try:

@@ -26,6 +26,7 @@ from ..config.schema import OnnxConfig
 from ..errors import BackendUnavailable
 from ..hardware import cpu_has_int8_dot, device_index
 from ..models.graph import graph_input_name
+from ..models.int8_recipe import for_backend
 from ..models.precision import CONVERTIBLE, convert_model
 from ..models.resolve import ResolvedModel, cache_root
 from ..tensorrt.plan_key import model_slug
@@ -208,7 +209,8 @@ class OnnxEngine(BaseEngine):
                     f"onnx backend cannot run {self.model.model_id} ({self.model.precision}) in "
                     f"{wanted}; it runs fp32 graphs and their {list(CONVERTIBLE)} conversions"
                 )
-            self.graph = convert_model(self.model, wanted, cache_dir=self.cache_dir)
+            self.graph = convert_model(self.model, wanted, cache_dir=self.cache_dir,
+                                       quantization=for_backend(self.options.quantization, "onnx"))
         self.graph = self._with_graph_preprocessing(self.graph)
         if self.graph.precision == "int8" and self.options.device == "cpu" and not cpu_has_int8_dot():
             # MLAS's AVX2 kernels sum u8 x s8 pairs in saturating int16 (vpmaddubsw): the

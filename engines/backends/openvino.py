@@ -32,6 +32,7 @@ from ..base.engine import BaseEngine
 from ..config.schema import OpenVinoConfig
 from ..errors import BackendUnavailable
 from ..hardware import cpu_has_bf16, cpu_has_fp16, cpu_has_int8_dot
+from ..models.int8_recipe import for_backend
 from ..models.precision import convert_model
 from .registry import register
 
@@ -74,6 +75,14 @@ class OpenVinoEngine(BaseEngine):
     runs_uint8_graph = True
     config_section = "openvino"
     settings_type = OpenVinoConfig
+
+    @classmethod
+    def retry_precisions(cls, settings: OpenVinoConfig | None) -> tuple[str, ...]:
+        """After ``auto``'s pick, each further natively supported precision of ``auto_precisions``
+        (int8 refused by the gate: bf16 next), then fp32."""
+        ok = supported_precisions()
+        order = [p for p in (settings or OpenVinoConfig()).auto_precisions if ok.get(p, "unknown") is None]
+        return tuple(dict.fromkeys([*order[1:], "fp32"]))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -139,7 +148,8 @@ class OpenVinoEngine(BaseEngine):
             )
         graph = self.model
         if precision == "int8" and graph.precision == "fp32":
-            graph = convert_model(graph, "int8", cache_dir=self.cache_dir)
+            graph = convert_model(graph, "int8", cache_dir=self.cache_dir,
+                                  quantization=for_backend(self.options.quantization, "openvino"))
         graph = self._with_graph_preprocessing(graph)
         props = self._compile_properties(precision)
         try:

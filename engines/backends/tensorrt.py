@@ -35,6 +35,7 @@ from ..base.engine import BaseEngine
 from ..config.schema import TensorRTConfig
 from ..errors import BackendUnavailable, EngineBuildError
 from ..hardware import device_index, has_cuda
+from ..models.int8_recipe import for_backend
 from ..tensorrt.runtime import cuda_python_installed, is_api_mismatch, tensorrt_installed
 from .registry import register
 
@@ -103,7 +104,8 @@ class TensorRTEngine(BaseEngine):
 
         def resolve(rebuild: bool):
             return get_or_build_plan(self.model, trt_cfg, device_id=device_id, measure_drift=measure,
-                                     rebuild=rebuild, prepare=self._with_graph_preprocessing)
+                                     rebuild=rebuild, prepare=self._with_graph_preprocessing,
+                                     quantization=for_backend(self.options.quantization, "tensorrt"))
 
         def load(entry) -> TrtRunner:
             return TrtRunner(entry.read_verified(), device_id, origin=str(entry.path))

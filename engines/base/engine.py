@@ -18,12 +18,12 @@ import importlib.util
 import logging
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..config.schema import EmbeddingConfig, ValidationConfig, batch_order_error
+from ..config.schema import EmbeddingConfig, QuantizationConfig, ValidationConfig, batch_order_error
 from ..errors import EngineError, missing_extra
 from .contract import EngineInfo, embedding_contract_id, preprocessing_tag
 from .preprocess import NHWC_UINT8, Normalization, l2_normalize, to_blob, validate_faces
@@ -44,6 +44,7 @@ class EngineOptions:
     graph before building on it (TensorRT) checks the conversion against.
     ``preprocess``: ``graph`` (and ``auto``) runs the preprocessing as ONNX nodes on backends
     that can (the graph takes the raw uint8 crops), ``host`` keeps it in numpy (``to_blob``).
+    ``quantization`` is how a backend that runs int8 has its graph made (``models.int8_recipe``).
     """
 
     device: str = "cpu"
@@ -55,6 +56,7 @@ class EngineOptions:
     cache_dir: str | None = None
     max_drift_cosine: float = ValidationConfig.max_drift_cosine
     preprocess: str = EmbeddingConfig.preprocess  # auto | graph | host (see BaseEngine.runs_uint8_graph)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     def __post_init__(self) -> None:
         for sizes in ({"batch_size": self.batch_size, "max_batch_size": self.max_batch_size},
@@ -85,6 +87,12 @@ class BaseEngine(ABC):
     # True where precision "auto" may choose below fp32 on this host; the factory
     # then adds an fp32 retry of the backend behind it in the chain.
     auto_may_reduce_precision: bool = False
+
+    @classmethod
+    def retry_precisions(cls, settings: Any) -> tuple[str, ...]:
+        """With ``auto_may_reduce_precision``: the precisions the chain retries this backend in, in
+        order, when the drift gate refuses the one ``auto`` picked (``settings``: its config section)."""
+        return ("fp32",)
 
     def __init__(self, model: ResolvedModel, options: EngineOptions | None = None,
                  settings: Any = None) -> None:

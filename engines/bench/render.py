@@ -67,6 +67,27 @@ def _table(rows: list[dict[str, Any]], with_model: bool) -> list[str]:
     return lines
 
 
+def _model_notes(facts: dict[str, Any], with_model: bool) -> list[str]:
+    """One line per int8 row: the recipe its graph carries (layers kept fp32, calibration, bound);
+    with ``--accuracy`` one line of each engine's verification accuracy and its delta."""
+    prefix = f"{facts['model']} " if with_model else ""
+    lines = [f"- int8 recipe, {prefix}{label}: {item['summary']}"
+             for label, item in facts.get("int8", {}).items()]
+    acc = facts.get("accuracy")
+    if acc:
+        cells = []
+        for spec, figures in acc["engines"].items():
+            delta = figures.get("delta_vs_reference", {}).get("accuracy")
+            shown = f"{figures['accuracy_kfold']:.4f}"
+            if delta:
+                shown += f" ({delta['delta']:+.4f}, 95% CI {delta['ci_low']:+.4f} .. {delta['ci_high']:+.4f})"
+            cells.append(f"{spec} {shown}")
+        lines.append(f"- verification accuracy, {prefix}{acc['faces']} jittered faces of {acc['identities']} "
+                     f"identities, {acc['pairs']} pairs (delta vs the reference): " + "; ".join(cells)
+                     + (f". {acc['note']}" if acc.get("note") else ""))
+    return lines
+
+
 def summary_markdown(report: dict[str, Any], batch: int = 32) -> str:
     """The README's part: machine, command, the rows at ``batch`` (or the largest measured)."""
     batches = sorted({r["batch_size"] for r in report["rows"]})
@@ -80,6 +101,9 @@ def summary_markdown(report: dict[str, Any], batch: int = 32) -> str:
         "",
         *_table(rows, with_model=True),
     ]
+    recipes = [line for facts in report["models"] for line in _model_notes(facts, with_model=True)]
+    if recipes:
+        lines += ["", *recipes]
     return "\n".join(lines)
 
 
@@ -109,6 +133,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             *_table(rows, with_model=False),
         ]
+        recipes = _model_notes(facts, with_model=False)
+        if recipes:
+            lines += ["", *recipes]
     lines += ["", "![throughput against batch size](report.png)"]
     return "\n".join(lines)
 

@@ -61,6 +61,11 @@ class ReportRow:
     drift_gate: str  # pass | refuse | reference
     auto: bool  # the backend and precision ``auto`` picks on this machine
     error: str | None = None
+    recipe: str | None = None  # int8 rows: the graph's recipe (``precision.recipe_summary``)
+    # with --accuracy: 10-fold verification accuracy on the jittered test identities, and its
+    # paired-bootstrap delta against the reference's (``bench.accuracy``)
+    accuracy: float | None = None
+    accuracy_delta: float | None = None
 
 
 def candidates(device: str) -> list[tuple[str, str]]:
@@ -169,6 +174,9 @@ def _model_rows(
                 auto=(backend, precision) == auto_pick,
                 error=runner.error,
             ))
+    recipes = _int8_recipes(runners)
+    for row in rows:
+        row.recipe = recipes.get((row.backend, row.precision), {}).get("summary")
     for (backend, precision), runner in runners.items():
         peak, device_mb = runner.stop()
         for row in rows:
@@ -176,8 +184,41 @@ def _model_rows(
                 row.peak_mem_mb = device_mb if device_mb is not None else peak
     facts = {"model": model, "sha256": resolved.sha256, "macs_per_face": macs,
              "auto": {"backend": auto_pick[0], "precision": auto_pick[1], "error": auto.error,
-                      "fallback": auto.info.get("fallback")}}
+                      "fallback": auto.info.get("fallback")},
+             "int8": {f"{backend} {precision}": facts for (backend, precision), facts in recipes.items()}}
     return rows, facts
+
+
+def _int8_recipes(runners: dict[tuple[str, str], Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """What each int8 row ran: the recipe and search summary its graph carries in its metadata."""
+    from ..models.precision import int8_facts
+
+    out = {}
+    for key, runner in runners.items():
+        path = runner.info.get("model_path")
+        if key[1] == "int8" and path and not runner.error:
+            facts = int8_facts(path)
+            if facts is not None:
+                out[key] = facts
+    return out
+
+
+def _add_accuracy(model: str, rows: list[ReportRow], facts: dict[str, Any], cfg: Any) -> None:
+    """``arcface evaluate``'s figures for every engine that ran, reference first, into the rows."""
+    from .accuracy import accuracy_report
+
+    engines = list(dict.fromkeys((r.backend, r.precision) for r in rows if not r.error))
+    engines.sort(key=lambda key: key != REFERENCE)
+    if not engines or engines[0] != REFERENCE:
+        return
+    report = accuracy_report(f"synthetic:{model}", engines, cfg)
+    facts["accuracy"] = report
+    for row in rows:
+        figures = report["engines"].get(f"{row.backend}:{row.precision}")
+        if figures:
+            row.accuracy = figures["accuracy_kfold"]
+            delta = figures.get("delta_vs_reference", {}).get("accuracy")
+            row.accuracy_delta = delta["delta"] if delta else 0.0
 
 
 def run_report(
@@ -192,8 +233,11 @@ def run_report(
     progress: bool = True,
     timeout_s: float = 1800.0,
     command: str | None = None,
+    accuracy: bool = False,
 ) -> dict[str, Any]:
-    """Measure, then write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``."""
+    """Measure, then write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``.
+    ``accuracy``: also each engine's verification accuracy and its delta against the reference
+    (``bench.accuracy``; in this process, after the speed rounds)."""
     from tqdm import tqdm
 
     from ..config.loader import load_config
@@ -217,6 +261,9 @@ def run_report(
                 model, device, tuple(batches), faces_per_point, rounds, peaks, eval_size,
                 cfg.validation.max_drift_cosine, config_path, bar, timeout_s,
             )
+            if accuracy:
+                bar.set_postfix_str(f"{model} accuracy")
+                _add_accuracy(model, model_rows, facts, cfg)
             rows += model_rows
             model_facts.append(facts)
     report = {
@@ -228,6 +275,7 @@ def run_report(
         "eval_faces": eval_size,
         "faces_per_point": faces_per_point,
         "rounds": rounds,
+        "accuracy": accuracy,
         "seconds": round(time.time() - started, 1),
         "models": model_facts,
         "rows": [asdict(r) for r in rows],

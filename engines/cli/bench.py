@@ -57,6 +57,7 @@ def _bench_report(args: argparse.Namespace) -> int:
         config_path=args.config,
         eval_size=16 if args.quick else 32,
         progress=not args.json,
+        accuracy=args.accuracy,
     )
     if args.readme:
         update_readme(args.readme, report, args.report)
@@ -120,6 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--batch-sizes", type=_batch_sizes, help="default: 1,8,32,64")
     r.add_argument("--faces-per-point", type=positive_int,
                    help="faces measured per backend and batch size (default 128)")
+    r.add_argument("--accuracy", action="store_true",
+                   help="also each engine's verification accuracy on jittered test identities and its "
+                        "delta against insightface (arcface evaluate's metrics)")
     r.add_argument("--readme", metavar="PATH",
                    help="also rewrite PATH's bench-report section from the report")
     add_common(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from .common import EXIT_OK, Command, add_common, emit_json, load_cfg, positive_int
 
@@ -17,9 +18,16 @@ def run(args: argparse.Namespace) -> int:
         from ..models.precision import convert_model
 
         source = model
+        quantization = cfg.quantization
+        if args.calibration_size:
+            quantization = replace(quantization, calibration_faces=args.calibration_size)
         model = convert_model(model, args.precision, cache_dir=cfg.storage.cache_dir,
-                              calibration_size=args.calibration_size)
+                              quantization=quantization)
     out = model.to_dict()
+    if model.precision == "int8":
+        from ..models.precision import int8_facts
+
+        out["int8"] = int8_facts(model.path)
     if args.models_cmd == "convert":
         drift = conversion_drift(source, model, n_faces=cfg.validation.eval_set_size,
                                  max_drift=cfg.validation.max_drift_cosine, cache_dir=cfg.storage.cache_dir)
@@ -32,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         gmacs = out.get("gmacs_per_face")
         print(f"GMACs   {gmacs:.3f} per face" if gmacs else "GMACs   unknown")
         print(f"precision {out['precision']}")
+        if out.get("int8"):
+            print(f"int8    {out['int8']['summary']}")
         if "drift_vs_fp32" in out:
             d = out["drift_vs_fp32"]
             print(f"drift   vs fp32 on this CPU ({d['n']} faces, {d['measured_with']}): min cosine "
@@ -53,8 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cp = msub.add_parser("convert", help="write an fp16 or int8 (Q/DQ) graph of a model")
     cp.add_argument("ref", help="an fp32 model reference")
     cp.add_argument("--precision", required=True, choices=["fp16", "int8"])
-    cp.add_argument("--calibration-size", type=positive_int, default=64,
-                    help="jittered real faces used to calibrate int8 (default 64)")
+    cp.add_argument("--calibration-size", type=positive_int,
+                    help="jittered real faces that calibrate int8 (default: quantization.calibration_faces)")
     add_common(cp, model=False)
     cp.add_argument("--json", action="store_true")
 

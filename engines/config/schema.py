@@ -90,8 +90,31 @@ class OpenVinoConfig:
     num_streams: int = field(default=0, metadata={"min": 0})
     num_threads: int = field(default=0, metadata={"min": 0})
     auto_precisions: tuple[str, ...] = field(
-        default=("bf16", "fp32"), metadata=_choices("bf16", "fp16", "int8", "fp32")
+        default=("bf16", "int8", "fp32"), metadata=_choices("bf16", "fp16", "int8", "fp32")
     )
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How the int8 graph is made (``engines/models/int8_recipe.py``); every key changes the graph,
+    so every key is part of the converted file's name and of the cached search's key."""
+
+    # min-max, a percentile of each tensor's histogram, or ORT's entropy (KL) calibration
+    calibration_method: str = field(default="percentile",
+                                    metadata=_choices("percentile", "minmax", "entropy"))
+    calibration_percentile: float = field(default=99.999, metadata={"min": 90.0, "max": 100.0})
+    calibration_faces: int = field(default=64, metadata={"min": 1})
+    # auto: keep in fp32 the weighted layers the sensitivity search finds it must (mixed int8);
+    # none: every Conv / Gemm in int8 (full int8: fastest, drifts most)
+    keep_fp32: str = field(default="auto", metadata=_choices("auto", "none"))
+    # Q/DQ on the weighted layers' outputs too: ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv
+    # only with it (else int8 runs at fp32 speed); OpenVINO and TensorRT run int8 from the inputs'
+    # Q/DQ alone, and each extra Q/DQ adds rounding noise. auto: always for the onnx backend, never
+    # for openvino / tensorrt (and ``arcface models convert``)
+    quantize_outputs: str = field(default="auto", metadata=_choices("auto", "always", "never"))
+    # the search stops excluding layers once min cosine to fp32 on search_faces eval faces >= this
+    target_min_cosine: float = field(default=0.9992, metadata={"min": 0.0, "max": 1.0})
+    search_faces: int = field(default=64, metadata={"min": 2})
 
 
 @dataclass(frozen=True)
@@ -154,6 +177,7 @@ class Config:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)

@@ -76,6 +76,12 @@ def count_macs(model) -> int:
 
     This is the figure arcface_torch and insightface publish as "GFLOPs".
     """
+    return sum(layer_macs(model).values())
+
+
+def layer_macs(model) -> dict[str, int]:
+    """Multiply-accumulates per face of each Conv / Gemm / MatMul node with a constant weight, by
+    node name (batch 1; the int8 search weighs layers by it)."""
     import onnx
     from onnx import shape_inference
 
@@ -92,18 +98,18 @@ def count_macs(model) -> int:
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     inits = {i.name: list(i.dims) for i in graph.initializer}
-    total = 0
+    macs: dict[str, int] = {}
     for node in graph.node:
         if node.op_type == "Conv":
             w = inits.get(node.input[1])
             out = shapes.get(node.output[0])
             if w and out and len(out) == 4:
-                total += out[1] * out[2] * out[3] * w[1] * w[2] * w[3]
+                macs[node.name] = out[1] * out[2] * out[3] * w[1] * w[2] * w[3]
         elif node.op_type in ("Gemm", "MatMul"):
             w = inits.get(node.input[1])
             if w and len(w) == 2:
-                total += w[0] * w[1]
-    return total
+                macs[node.name] = w[0] * w[1]
+    return macs
 
 
 def graph_input_name(path: str) -> str:

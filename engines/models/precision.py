@@ -7,21 +7,17 @@ measured on any CPU before an engine is ever built from it.
 
 - ``fp16``: ``onnxconverter_common.float16.convert_float_to_float16`` with fp32
   inputs and outputs kept (engines and callers keep feeding float32).
-- ``int8``: explicit Q/DQ nodes from ONNX Runtime static quantisation,
-  calibrated on jittered real faces (a seed disjoint from the eval set's).
-  Symmetric int8 for activations and weights, per-channel weights: the form
-  TensorRT's explicit quantisation requires (zero point 0), which ONNX Runtime
-  and OpenVINO also run. Weights and activations only: biases stay fp32
-  (``QuantizeBias: False``; ORT's default quantises them to int32 behind a
-  ``DequantizeLinear``, and TensorRT's dequantize takes int8 / fp8 / int4 / fp4
-  only, so such a graph never builds on TensorRT 10 or 11), and
-  BatchNormalization is not quantised (TensorRT's ONNX importer wants its
-  scale / bias / mean / variance as constants, not behind a dequantize).
+- ``int8``: explicit Q/DQ nodes from ONNX Runtime static quantisation, calibrated
+  on jittered real faces, on the inputs of the weighted layers only, symmetric, fp32
+  biases (``int8_recipe``: the form TensorRT's explicit quantisation builds, which
+  ONNX Runtime and OpenVINO also run). Mixed int8 by default: the weighted layers
+  the sensitivity search (``int8_search``) finds the drift bound needs stay fp32
+  (``quantization.keep_fp32: auto``; ``none``: every layer int8).
 
 Converted graphs are cached next to the models, named by the source sha256,
 the precision and a short hash of the *recipe*: every option that changes the
-graph (quantiser settings, calibration set, converter versions), so a fixed
-recipe never reuses a graph the old one wrote. Each graph has its own sha256
+graph (quantiser settings, calibration set, the layers kept in fp32, converter
+versions), so a fixed recipe never reuses a graph the old one wrote. Each graph has its own sha256
 (which is what the TensorRT plan key hashes), and records the source's so that
 the embedding contract stays that of the fp32 weights. How far a converted graph
 drifts from its source is measured by ``drift_gate.conversion_drift``, not here.
@@ -29,118 +25,79 @@ drifts from its source is measured by ``drift_gate.conversion_drift``, not here.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.metadata as md
 import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from ..config.schema import QuantizationConfig
 from ..errors import EngineError
+from .int8_recipe import (
+    INT8_EXTRA_OPTIONS,
+    TENSORRT_DQ_INPUT_TYPES,
+    WEIGHTED_OPS,
+    calibration_cache,
+    dequantize_input_problems,
+    digest,
+    int8_recipe,
+    mixed_graph,
+    quantize,
+    version,
+)
 from .resolve import ResolvedModel, cache_root, file_sha256
 
 logger = logging.getLogger(__name__)
 
 CONVERTIBLE = ("fp16", "int8")
-CALIBRATION_SEED = 20_000  # eval sets use small seeds; calibration must not see them
-INT8_PERCENTILE = 99.999
-# The op types ONNX Runtime quantises by default, less BatchNormalization (see above).
-INT8_OP_TYPES = ("Add", "AveragePool", "Clip", "Concat", "Conv", "Flatten", "Gemm", "GlobalAveragePool",
-                 "MatMul", "MaxPool", "Mul", "Relu", "Reshape", "Transpose")
-# ONNX Runtime's extra_options for int8: each one changes the graph, so each is in the recipe.
-INT8_EXTRA_OPTIONS: dict[str, Any] = {
-    "ActivationSymmetric": True,
-    "WeightSymmetric": True,
-    "CalibPercentile": INT8_PERCENTILE,
-    "QuantizeBias": False,
-}
-# TensorRT's DequantizeLinear accepts these inputs only (no int32, so no quantised biases).
-TENSORRT_DQ_INPUT_TYPES = ("INT8", "FLOAT8E4M3FN", "INT4", "FLOAT4E2M1")
+__all__ = ["CONVERTIBLE", "INT8_EXTRA_OPTIONS", "TENSORRT_DQ_INPUT_TYPES", "WEIGHTED_OPS",
+           "conversion_recipe", "convert_model", "converted_path", "dequantize_input_problems",
+           "int8_facts", "recipe_digest", "recipe_summary"]
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """ORT's quantiser logs per-tensor chatter on the root logger; keep ours readable."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def _version(dist: str) -> str:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "absent"
-
-
-def conversion_recipe(precision: str, calibration_size: int = 64) -> dict[str, Any]:
+def conversion_recipe(precision: str, quantization: QuantizationConfig | None = None,
+                      keep_fp32: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Everything that decides the bytes of a converted graph besides the source graph itself.
 
-    The converter's version is part of it: a quantiser fix changes the graph, and a
-    cached graph written by the old code must not be reused as if it were the new one.
+    The converter's version is part of it: a quantiser fix changes the graph, and a cached
+    graph written by the old code must not be reused as if it were the new one. For int8,
+    ``keep_fp32`` is the layers left unquantised (``int8_search`` finds them).
     """
     if precision == "fp16":
         return {"precision": "fp16", "converter": "onnxconverter_common.float16",
-                "converter_version": _version("onnxconverter-common"), "keep_io_types": True}
+                "converter_version": version("onnxconverter-common"), "keep_io_types": True}
     if precision == "int8":
-        return {
-            "precision": "int8", "converter": "onnxruntime.quantization.quantize_static",
-            "converter_version": _version("onnxruntime"), "quant_format": "QDQ",
-            "activation_type": "QInt8", "weight_type": "QInt8", "per_channel": True,
-            "calibrate_method": "Percentile", "calibration_size": int(calibration_size),
-            "calibration_seed": CALIBRATION_SEED, "calibration_batch": 16,
-            "op_types_to_quantize": list(INT8_OP_TYPES), "extra_options": dict(INT8_EXTRA_OPTIONS),
-            "pre_process": "quant_pre_process(skip_symbolic_shape=True)",
-        }
+        return int8_recipe(quantization or QuantizationConfig(), keep_fp32)
     raise ValueError(f"cannot convert to {precision!r}; graph conversions: {list(CONVERTIBLE)}")
 
 
 def recipe_digest(recipe: dict[str, Any]) -> str:
     """Eight hex digits of the recipe's canonical JSON: the part of the file name that says "how"."""
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return digest(recipe)
+
+
+def resolved_recipe(model: ResolvedModel, precision: str, cache_dir: str | None,
+                    quantization: QuantizationConfig | None = None) -> tuple[dict[str, Any], dict | None]:
+    """The recipe ``model`` converts to ``precision`` with, and for mixed int8 the search behind
+    it (``int8_search.find_keep_fp32``: measured once per model and settings, then cached)."""
+    q = quantization or QuantizationConfig()
+    if precision != "int8" or q.keep_fp32 == "none":
+        return conversion_recipe(precision, q), None
+    from .int8_search import find_keep_fp32
+
+    search = find_keep_fp32(model, q, cache_dir)
+    return conversion_recipe(precision, q, search["keep_fp32"]), search
 
 
 def converted_path(model: ResolvedModel, precision: str, cache_dir: str | None,
-                   calibration_size: int = 64) -> Path:
-    """``<cache>/models/converted/{model}-{sha8}-{precision}-r{recipe8}.onnx``."""
+                   recipe: dict[str, Any] | None = None) -> Path:
+    """``<cache>/models/converted/{model}-{sha8}-{precision}-r{recipe8}.onnx`` (``recipe``: default
+    ``conversion_recipe(precision)``, full int8)."""
     stem = model.model_id.replace("/", "_")
-    digest = recipe_digest(conversion_recipe(precision, calibration_size))
-    name = f"{stem}-{model.sha256[:8]}-{precision}-r{digest}.onnx"
+    recipe_hash = recipe_digest(recipe or conversion_recipe(precision))
+    name = f"{stem}-{model.sha256[:8]}-{precision}-r{recipe_hash}.onnx"
     return cache_root(cache_dir) / "models" / "converted" / name
-
-
-def dequantize_input_problems(onnx_model) -> list[str]:
-    """``DequantizeLinear`` nodes whose quantised input TensorRT cannot dequantize.
-
-    An input is an initializer (its stored type) or a ``QuantizeLinear`` output
-    (the type of that node's zero point, int8 when absent). Empty means the
-    Q/DQ structure is one TensorRT's explicit quantisation accepts.
-    """
-    from onnx import TensorProto
-
-    graph = onnx_model.graph
-    types = {i.name: TensorProto.DataType.Name(i.data_type) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "QuantizeLinear":
-            zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            types[node.output[0]] = types.get(zero_point, "INT8") if zero_point else "INT8"
-    problems = []
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear":
-            kind = types.get(node.input[0], "unknown")
-            if kind not in TENSORRT_DQ_INPUT_TYPES:
-                problems.append(f"{node.name or node.output[0]}: dequantizes {node.input[0]} of type {kind}")
-    return problems
 
 
 def _stamp(onnx_model, source: ResolvedModel, precision: str, extra: dict[str, str]) -> None:
@@ -178,73 +135,64 @@ def _to_fp16(source: ResolvedModel, dest: Path, recipe: dict[str, Any]) -> None:
     onnx.save(converted, str(dest))
 
 
-def calibration_blobs(n: int, normalization) -> np.ndarray:
-    """Normalised NCHW inputs for int8 calibration: jittered real faces."""
-    from ..base.preprocess import to_blob
-    from .sample_faces import jittered_faces
+def search_summary(search: dict[str, Any] | None) -> dict[str, Any]:
+    """What the int8 graph's metadata and the bench report say of the search behind its recipe."""
+    if search is None:
+        return {"keep_fp32": "none: every weighted layer in int8"}
+    return {key: search[key] for key in ("target_min_cosine", "search_faces", "sensitivity_faces",
+                                         "measured_with", "layers", "order", "keep_fp32", "min_cosine",
+                                         "mean_cosine", "full_int8", "int8_mac_share", "seconds")}
 
-    return to_blob(jittered_faces(n, seed=CALIBRATION_SEED).faces, normalization)
 
-
-def _to_int8(source: ResolvedModel, dest: Path, recipe: dict[str, Any]) -> None:
+def int8_facts(path: str) -> dict[str, Any] | None:
+    """The recipe and search summary an int8 graph carries in its ONNX metadata (``None`` for a
+    graph without them): what ``arcface models`` and the bench report show."""
     import onnx
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    input_name = ort.InferenceSession(source.path, providers=["CPUExecutionProvider"]).get_inputs()[0].name
-    calibration_size, step = recipe["calibration_size"], recipe["calibration_batch"]
-    blobs = calibration_blobs(calibration_size, source.normalization)
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    if props.get("arcface_ray.precision") != "int8" or "arcface_ray.recipe" not in props:
+        return None
+    recipe = json.loads(props["arcface_ray.recipe"])
+    search = json.loads(props.get("arcface_ray.int8_search", "{}"))
+    return {"recipe": recipe, "search": search, "summary": recipe_summary(recipe, search)}
 
-    class Faces(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter(
-                [{input_name: blobs[i : i + step]} for i in range(0, len(blobs), step)]
-            )
 
-        def get_next(self):
-            return next(self._batches, None)
+def recipe_summary(recipe: dict[str, Any], search: dict[str, Any]) -> str:
+    """One line: which layers stay fp32, the calibration, the placement and the search's bound."""
+    method = recipe["calibrate_method"].lower()
+    if "calibration_percentile" in recipe:
+        method += f" {recipe['calibration_percentile']}"
+    placement = "output Q/DQ" if "inputs and outputs" in recipe.get("qdq_placement", "") else "input Q/DQ"
+    calibration = f"{method}, {recipe['calibration_size']} faces, {placement}"
+    if "layers" not in search:
+        return f"full int8 (every weighted layer), {calibration}"
+    return (f"mixed: {len(recipe['keep_fp32'])}/{search['layers']} layers fp32 "
+            f"({100 * search['int8_mac_share']:.0f}% of MACs int8), {calibration}; search bound "
+            f"{search['target_min_cosine']} on {search['search_faces']} faces "
+            f"(min {search['min_cosine']:.5f})")
 
-    pre = dest.with_name(dest.stem + ".pre.onnx")
-    try:
-        with _quiet_root_logger():
-            quant_pre_process(source.path, str(pre), skip_symbolic_shape=True)
-            quantize_static(
-                str(pre),
-                str(dest),
-                Faces(),
-                quant_format=getattr(QuantFormat, recipe["quant_format"]),
-                activation_type=getattr(QuantType, recipe["activation_type"]),
-                weight_type=getattr(QuantType, recipe["weight_type"]),
-                per_channel=recipe["per_channel"],
-                calibrate_method=getattr(CalibrationMethod, recipe["calibrate_method"]),
-                op_types_to_quantize=list(recipe["op_types_to_quantize"]),
-                extra_options=dict(recipe["extra_options"]),
-            )
-    finally:
-        pre.unlink(missing_ok=True)
-    quantized = onnx.load(str(dest))
-    problems = dequantize_input_problems(quantized)
-    if problems:
-        raise EngineError(
-            f"the int8 graph of {source.model_id} has {len(problems)} DequantizeLinear node(s) TensorRT "
-            f"cannot build (it dequantizes {'/'.join(TENSORRT_DQ_INPUT_TYPES)} only): {problems[:3]}"
-        )
+
+def _to_int8(source: ResolvedModel, dest: Path, recipe: dict[str, Any], search: dict[str, Any] | None,
+             quantization: QuantizationConfig, cache_dir: str | None) -> None:
+    import onnx
+
+    full = quantize(source, dest, recipe, calibration_cache(source, quantization, cache_dir))
+    quantized = mixed_graph(full, onnx.load(source.path), recipe["keep_fp32"], source.model_id)
+    method = recipe["calibrate_method"].lower()
+    if "calibration_percentile" in recipe:
+        method += f" {recipe['calibration_percentile']}"
     _stamp(
         quantized,
         source,
         "int8",
         {
-            "arcface_ray.converter": "onnxruntime.quantization.quantize_static(QDQ, symmetric s8s8, "
-            "fp32 biases, BatchNormalization unquantised)",
-            "arcface_ray.calibration": f"{calibration_size} jittered faces, seed {CALIBRATION_SEED}, "
-            f"percentile {INT8_PERCENTILE}",
+            "arcface_ray.converter": "onnxruntime.quantization.quantize_static(QDQ, symmetric s8s8 on the "
+            "inputs and outputs of Conv/Gemm, per-channel weights, fp32 biases, BatchNormalization "
+            "unquantised)",
+            "arcface_ray.calibration": f"{recipe['calibration_size']} jittered faces, seed "
+            f"{recipe['calibration_seed']}, {method}",
+            "arcface_ray.int8_keep_fp32": json.dumps(recipe["keep_fp32"]),
+            "arcface_ray.int8_search": json.dumps(search_summary(search), sort_keys=True),
             "arcface_ray.recipe": json.dumps(recipe, sort_keys=True),
         },
     )
@@ -255,12 +203,13 @@ def convert_model(
     model: ResolvedModel,
     precision: str,
     cache_dir: str | None = None,
-    calibration_size: int = 64,
+    quantization: QuantizationConfig | None = None,
 ) -> ResolvedModel:
     """``model`` expressed in ``precision`` (``fp32`` returns it unchanged).
 
-    Converts once per (source sha256, precision, recipe: ``conversion_recipe``)
+    Converts once per (source sha256, precision, recipe: ``resolved_recipe``)
     and caches the result; concurrent callers on one host wait on a file lock.
+    ``quantization`` (default: the config's defaults) says how int8 is made.
     """
     if precision in ("fp32", model.precision):
         return model
@@ -270,8 +219,14 @@ def convert_model(
         raise ValueError(
             f"{model.model_id} is already {model.precision}; convert from the fp32 model instead"
         )
-    recipe = conversion_recipe(precision, calibration_size)
-    dest = converted_path(model, precision, cache_dir, calibration_size)
+    q = quantization or QuantizationConfig()
+    try:
+        recipe, search = resolved_recipe(model, precision, cache_dir, q)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(f"searching the int8 recipe of {model.model_id} failed: {exc}") from exc
+    dest = converted_path(model, precision, cache_dir, recipe)
     if not dest.exists():
         from filelock import FileLock
 
@@ -284,7 +239,7 @@ def convert_model(
                     if precision == "fp16":
                         _to_fp16(model, tmp, recipe)
                     else:
-                        _to_int8(model, tmp, recipe)
+                        _to_int8(model, tmp, recipe, search, q, cache_dir)
                     os.replace(tmp, dest)
                 except EngineError:
                     raise

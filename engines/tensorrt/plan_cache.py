@@ -337,6 +337,7 @@ def get_or_build_plan(
     measure_drift: DriftFn | None = None,
     rebuild: bool = False,
     prepare: Callable[[ResolvedModel], ResolvedModel] | None = None,
+    quantization: Any = None,
 ) -> CachedPlan:
     """A verified local plan for ``model`` built as ``trt_cfg`` (a ``TensorRTConfig``) says.
 
@@ -350,11 +351,12 @@ def get_or_build_plan(
     ``rebuild``: build on this host whatever the caches hold (after a quarantine),
     sharing nothing through S3. ``prepare`` turns the converted graph into the one built (the
     backend passes the in-graph preprocessing: a uint8 input binding, a quarter of the bytes
-    to the device); the key hashes the result.
+    to the device); the key hashes the result. ``quantization`` (a ``QuantizationConfig``; default
+    the config's defaults) is how an int8 graph is made: the same graph the CPU backends run.
     """
     device_id = trt_cfg.device_id if device_id is None else device_id
     storage = trt_cfg.storage
-    graph = convert_model(model, trt_cfg.precision, cache_dir=storage.cache_dir)
+    graph = convert_model(model, trt_cfg.precision, cache_dir=storage.cache_dir, quantization=quantization)
     if prepare is not None:
         graph = prepare(graph)
     target = target or detect_build_target(device_id)

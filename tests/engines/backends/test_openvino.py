@@ -28,6 +28,11 @@ def _config(tmp_path, **validation):
     )
 
 
+def _full_int8(cfg):
+    """Every weighted layer in int8 (no search): the drifting int8 the gate must refuse."""
+    return replace(cfg, quantization=replace(cfg.quantization, keep_fp32="none"))
+
+
 @pytest.fixture(scope="module")
 def reference(mbf_model, faces):
     return get_engine("insightface", mbf_model).encode(faces)
@@ -132,7 +137,7 @@ def test_auto_serves_bf16_exactly_when_the_gate_accepts_it_and_caches_the_verdic
 @pytest.mark.skipif(not cpu_has_int8_dot(), reason="CPU has no int8 dot product")
 def test_gate_refuses_a_drifting_reduced_precision_and_auto_retries_in_fp32(mbf_model, tmp_path):
     # full int8 drifts past 0.001 on these networks; auto must not serve it
-    cfg = _config(tmp_path)
+    cfg = _full_int8(_config(tmp_path))
     cfg = replace(cfg, openvino=replace(cfg.openvino, auto_precisions=("int8", "fp32")))
     engine = get_engine("openvino", mbf_model, config=cfg)
     info = engine.info
@@ -147,7 +152,33 @@ def test_gate_refuses_a_drifting_reduced_precision_and_auto_retries_in_fp32(mbf_
 @pytest.mark.skipif(not cpu_has_int8_dot(), reason="CPU has no int8 dot product")
 def test_explicit_reduced_precision_is_gated_too(mbf_model, tmp_path):
     with pytest.raises(ChainExhausted, match="drift gate refused"):
-        get_engine("openvino", mbf_model, precision="int8", config=_config(tmp_path))
+        get_engine("openvino", mbf_model, precision="int8", config=_full_int8(_config(tmp_path)))
     # ... unless the gate is switched off on purpose
-    cfg = _config(tmp_path, gate_reduced_precision=False)
+    cfg = _full_int8(_config(tmp_path, gate_reduced_precision=False))
     assert get_engine("openvino", mbf_model, precision="int8", config=cfg).info.precision == "int8"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_has_int8_dot(), reason="CPU has no int8 dot product")
+def test_mixed_int8_passes_the_gate_that_refuses_full_int8(mbf_model, tmp_path):
+    """The searched layers in fp32 (quantization.keep_fp32: auto), the rest int8: the gate serves it."""
+    cfg = _config(tmp_path)
+    cfg = replace(cfg, quantization=replace(cfg.quantization, calibration_faces=16, search_faces=32))
+    engine = get_engine("openvino", mbf_model, precision="int8", config=cfg)
+    info = engine.info
+    assert info.precision == "int8"
+    attempt = info.fallback["attempts"][0]
+    assert attempt["status"] == "selected"
+    assert attempt["drift"]["min_cosine_sim"] >= 1 - cfg.validation.max_drift_cosine
+
+
+def test_auto_retries_each_lower_native_precision_of_its_order_then_fp32():
+    """int8 refused by the gate: bf16 next (where native), then fp32, never a precision the CPU lacks."""
+    from engines.factory import with_precision_retries
+
+    cfg = load_config()
+    cfg = replace(cfg, openvino=replace(cfg.openvino, auto_precisions=("int8", "bf16", "fp32")))
+    native = [p for p in ("int8", "bf16") if supported_precisions()[p] is None]
+    retries = [f"openvino:{p}" for p in native[1:]] + ["openvino:fp32"]
+    assert with_precision_retries(["openvino", "onnx"], "auto", cfg) == ["openvino", *retries, "onnx"]
+    assert with_precision_retries(["openvino", "onnx"], "int8", cfg) == ["openvino", "onnx"]

@@ -34,7 +34,7 @@ def test_quick_report_writes_json_markdown_png_and_the_readme_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Project\n\nintro\n\n{README_BEGIN}\nold table\n{README_END}\n\nafter\n")
     out = tmp_path / "bench"
-    proc = run_cli("--log-level", "WARNING", "bench", "--report", str(out), "--quick",
+    proc = run_cli("--log-level", "WARNING", "bench", "--report", str(out), "--quick", "--accuracy",
                    "--readme", str(readme), check=True)
     assert "wrote" in proc.stdout
 
@@ -56,6 +56,15 @@ def test_quick_report_writes_json_markdown_png_and_the_readme_section(tmp_path):
         else:
             assert r["min_cosine_sim"] is not None
             assert r["drift_gate"] == ("pass" if r["min_cosine_sim"] >= 0.999 else "refuse")
+    # int8 rows carry the recipe their graph records; every row its accuracy and delta vs the reference
+    for r in rows:
+        assert (r["recipe"] is not None) == (r["precision"] == "int8"), r
+        assert 0.0 <= r["accuracy"] <= 1.0 and -1.0 <= r["accuracy_delta"] <= 1.0
+        if (r["backend"], r["precision"]) == ("insightface", "fp32"):
+            assert r["accuracy_delta"] == 0.0
+    facts = report["models"][0]
+    assert facts["accuracy"]["identities"] == 7 and set(facts["int8"]) == {
+        f"{b} {p}" for b, p in pairs if p == "int8"}
     # exactly one backend/precision is what auto serves, and the gate accepted it
     auto_rows = {(r["backend"], r["precision"]) for r in rows if r["auto"]}
     assert len(auto_rows) == 1
@@ -64,6 +73,7 @@ def test_quick_report_writes_json_markdown_png_and_the_readme_section(tmp_path):
 
     md = (out / "report.md").read_text()
     assert "## mobilefacenet" in md and "speed-up vs insightface" in md and "(auto)" in md
+    assert ("int8 recipe" in md) == any(p == "int8" for _, p in pairs) and "verification accuracy" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     text = readme.read_text()
