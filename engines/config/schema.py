@@ -90,7 +90,7 @@ class OpenVinoConfig:
     num_streams: int = field(default=0, metadata={"min": 0})
     num_threads: int = field(default=0, metadata={"min": 0})
     auto_precisions: tuple[str, ...] = field(
-        default=("bf16", "int8", "fp32"), metadata=_choices("bf16", "fp16", "int8", "fp32")
+        default=("bf16", "fp32"), metadata=_choices("bf16", "fp16", "int8", "fp32")
     )
 
 
