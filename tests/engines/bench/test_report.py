@@ -4,6 +4,7 @@ the README is generated from. Run for real (spawned workers, real runtimes), qui
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,9 +17,10 @@ from engines.bench.report import candidates
 pytestmark = pytest.mark.integration
 
 
-def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "engines", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"arcface {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -34,8 +36,10 @@ def test_quick_report_writes_json_markdown_png_and_the_readme_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Project\n\nintro\n\n{README_BEGIN}\nold table\n{README_END}\n\nafter\n")
     out = tmp_path / "bench"
+    # full int8 (no layer search: minutes per model on 2 cores, tested in test_int8.py); its rows
+    # still carry the recipe their graph records
     proc = run_cli("--log-level", "WARNING", "bench", "--report", str(out), "--quick", "--accuracy",
-                   "--readme", str(readme), check=True)
+                   "--readme", str(readme), check=True, env={"ARCFACE_QUANTIZATION__KEEP_FP32": "none"})
     assert "wrote" in proc.stdout
 
     report = json.loads((out / "report.json").read_text())
