@@ -27,6 +27,7 @@ class BatchItem:
     faces: np.ndarray
     ticket: Any = None
     enqueued_at: float = field(default_factory=time.perf_counter)
+    timing: Any = None  # its request's ``timing.RequestTiming``: the batch adds queue/compute
 
 
 def count_faces(items: list) -> int:

@@ -53,8 +53,11 @@ from .codec import (
 from .decode_queue import FairDecodeQueue
 from .errors import ErrorReporter, RequestError, grpc_method, install_http_handlers
 from .metrics import ServiceMetrics
+from .multipart import plan_multipart
 from .protos import embedding_pb2 as pb
+from .schemas import MULTIPART, install_openapi
 from .settings import BatchingConfig, TokenAuth, parse_settings, parse_user_config
+from .timing import RequestTiming
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ api = FastAPI(
     version="1",
 )
 install_http_handlers(api)
+install_openapi(api)  # request/answer schemas of the raw-Request routes: schemas.ROUTES
 
 _JSON = "application/json"
 
@@ -142,15 +146,21 @@ class EmbeddingDeployment:
         self.admission.finish_batch(faces, encode_s)
         self.stats.record(faces, len(live), wait_s, encode_s)
         self.metrics.batch(faces, wait_s, encode_s)
+        for item in live:
+            if item.timing is not None:
+                item.timing.add_chunk(started - item.enqueued_at, encode_s, faces)
         return [next(results) if k else None for k in keep]
 
-    async def embed(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def embed(self, faces: np.ndarray,
+                    timing: RequestTiming | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and norms of ``faces`` through the shared batch queue (admission first:
-        503 at once when the replica cannot start it within ``max_queue_wait_s``)."""
+        503 at once when the replica cannot start it within ``max_queue_wait_s``); ``timing``
+        gets the queue wait and engine time of its chunks."""
         ticket = self.admission.admit(len(faces))
         try:
             chunks = split_request(faces, self._max_batch)
-            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c, ticket)) for c in chunks))
+            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c, ticket, timing=timing))
+                                           for c in chunks))
         finally:
             self.admission.release(ticket)
         if any(part is None for part in parts):
@@ -159,10 +169,13 @@ class EmbeddingDeployment:
             return parts[0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    async def _crops(self, jobs: list[FaceJob]) -> np.ndarray:
+    async def _crops(self, jobs: list[FaceJob], timing: RequestTiming | None = None) -> np.ndarray:
         """The crops of ``jobs``: images decoded on the fair decode queue, ready crops as they are."""
         todo = [job for job in jobs if job.crop is None]
+        started = time.perf_counter()
         decoded = iter(await self._decoder.run([job.run for job in todo]))
+        if timing is not None and todo:
+            timing.decode_s += time.perf_counter() - started
         out = np.empty((len(jobs), FACE_SIZE, FACE_SIZE, 3), np.uint8)
         for i, job in enumerate(jobs):
             out[i] = job.crop if job.crop is not None else next(decoded)
@@ -232,34 +245,42 @@ class EmbeddingDeployment:
     async def http_embed(self, request: Request) -> Response:
         """Embed faces: JSON ``{"images": [base64...], "landmarks"?, "aligned"?}`` or
         ``{"crops": [base64 of raw 112x112x3 BGR...]}``, or an ``application/x-npy`` body of
-        ``(N, 112, 112, 3)`` uint8 BGR crops. Answers JSON, or ``.npy`` float32 ``(N, D)`` with
-        ``Accept: application/x-npy``."""
+        ``(N, 112, 112, 3)`` uint8 BGR crops, or ``multipart/form-data`` image files (``multipart``).
+        Answers JSON, or ``.npy`` float32 ``(N, D)`` with ``Accept: application/x-npy``; timing
+        headers either way (``timing``). Bodies and answers: ``schemas.ROUTES``."""
+        timing = RequestTiming()
         self._check_auth(request.headers.get("authorization"))
-        ctype = self._content_type(request, (_JSON, NPY_MEDIA_TYPE))
+        ctype = self._content_type(request, (_JSON, NPY_MEDIA_TYPE, MULTIPART))
         self.admission.check_open()
         body = await self._read_body(request)
         if ctype == NPY_MEDIA_TYPE:
             faces = decode_npy(body, self.limits)
+        elif ctype == MULTIPART:
+            plan = await plan_multipart(body, request.headers["content-type"], self.limits)
+            faces = await self._crops(plan, timing)
         else:
-            faces = await self._crops(await self._json_plan(body, lambda p: plan_embed_json(p, self.limits)))
-        embeddings, norms = await self.embed(faces)
+            plan = await self._json_plan(body, lambda p: plan_embed_json(p, self.limits))
+            faces = await self._crops(plan, timing)
+        embeddings, norms = await self.embed(faces, timing)
         fields = self._response_fields()
         if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
-            headers = {f"x-arcface-{k}": str(v) for k, v in fields.items()}
+            headers = {**{f"x-arcface-{k}": str(v) for k, v in fields.items()}, **timing.fields()}
             return Response(encode_npy(embeddings), media_type=NPY_MEDIA_TYPE, headers=headers)
-        return JSONResponse({"embeddings": embeddings.tolist(), "norms": norms.tolist(), **fields})
+        return JSONResponse({"embeddings": embeddings.tolist(), "norms": norms.tolist(), "encoding": "json",
+                             **fields}, headers=timing.fields())
 
     @api.post("/v1/compare")
     async def http_compare(self, request: Request) -> Response:
         """Cosine similarity of two faces (``{"image", "landmarks"?}`` or ``{"crop"}``) or
         embeddings (``{"embedding": [...]}``), and a same-person decision at ``threshold``."""
+        timing = RequestTiming()
         self._check_auth(request.headers.get("authorization"))
         self._content_type(request, (_JSON,))
         self.admission.check_open()
         body = await self._read_body(request)
         threshold, sides = await self._json_plan(body, self._plan_compare)
         jobs = [job for job, _ in sides if job is not None]
-        vectors = iter((await self.embed(await self._crops(jobs)))[0]) if jobs else iter(())
+        vectors = iter((await self.embed(await self._crops(jobs, timing), timing))[0]) if jobs else iter(())
         a, b = (vec if vec is not None else next(vectors) for _, vec in sides)
         dim = self.engine_info.embedding_dim
         if a.shape != (dim,) or b.shape != (dim,):
@@ -271,7 +292,7 @@ class EmbeddingDeployment:
         cosine = float(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))
         return JSONResponse(
             {"cosine": cosine, "same_person": cosine >= float(threshold), "threshold": float(threshold),
-             **self._response_fields()}
+             **self._response_fields()}, headers=timing.fields()
         )
 
     def _plan_compare(self, payload: Any):
@@ -361,21 +382,26 @@ class EmbeddingDeployment:
             contract=fields["contract"], precision=fields["precision"],
         )
 
-    async def _grpc_embed(self, faces: list, crops: bytes) -> pb.EmbedResponse:
+    async def _grpc_embed(self, faces: list, crops: bytes, grpc_context) -> pb.EmbedResponse:
+        """The embeddings, with the timing fields in the trailing metadata (as HTTP's headers)."""
+        timing = RequestTiming()
         self.admission.check_open()
         plan = plan_grpc_faces(faces, crops, self.limits)
-        crops_array = plan if isinstance(plan, np.ndarray) else await self._crops(plan)
-        return self._grpc_response(*(await self.embed(crops_array)))
+        crops_array = plan if isinstance(plan, np.ndarray) else await self._crops(plan, timing)
+        reply = self._grpc_response(*(await self.embed(crops_array, timing)))
+        if grpc_context is not None:
+            grpc_context.set_trailing_metadata(timing.grpc_metadata())
+        return reply
 
     @grpc_method(pb.EmbedRequest, pb.EmbedResponse)
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         self._grpc_auth(grpc_context)
-        return await self._grpc_embed([request.face], b"")
+        return await self._grpc_embed([request.face], b"", grpc_context)
 
     @grpc_method(pb.EmbedBatchRequest, pb.EmbedResponse)
     async def EmbedBatch(self, request: pb.EmbedBatchRequest, grpc_context=None) -> pb.EmbedResponse:
         self._grpc_auth(grpc_context)
-        return await self._grpc_embed(list(request.faces), request.crops)
+        return await self._grpc_embed(list(request.faces), request.crops, grpc_context)
 
     @grpc_method(pb.HealthRequest, pb.HealthResponse)
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Reason tags, by HTTP status (the README's error table lists them).
 REASONS: dict[str, int] = {
-    "bad_json": 400, "bad_base64": 400, "bad_npy": 400, "bad_protobuf": 400, "bad_request": 400,
+    "bad_json": 400, "bad_base64": 400, "bad_npy": 400, "bad_protobuf": 400, "bad_multipart": 400,
+    "bad_request": 400,
     "unauthorized": 401,
     "not_found": 404, "method_not_allowed": 405, "timeout": 408,
     "contract_mismatch": 409,
