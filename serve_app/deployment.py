@@ -51,7 +51,7 @@ from .codec import (
     plan_grpc_faces,
 )
 from .decode_queue import FairDecodeQueue
-from .errors import ErrorReporter, RequestError, grpc_method, install_http_handlers
+from .errors import ErrorReporter, RequestError, bind_reporter, grpc_method, install_http_handlers
 from .metrics import ServiceMetrics
 from .multipart import plan_multipart
 from .protos import embedding_pb2 as pb
@@ -91,7 +91,7 @@ class EmbeddingDeployment:
         self.stats = BatchStats()
         self.metrics = ServiceMetrics(self.engine_info)
         self.errors = ErrorReporter(self.metrics, self.settings.retry_after_s)
-        api.state.errors = self.errors
+        bind_reporter(self.errors)  # the HTTP handlers count refusals with it
         self.admission = Admission(self.settings.max_pending_faces, self.settings.max_queue_wait_s)
         # One encode thread: the engine already uses every core, and keeping the
         # call off the event loop lets requests queue (and batches grow) meanwhile.
