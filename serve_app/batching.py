@@ -28,6 +28,8 @@ class BatchItem:
     ticket: Any = None
     enqueued_at: float = field(default_factory=time.perf_counter)
     timing: Any = None  # its request's ``timing.RequestTiming``: the batch adds queue/compute
+    trace_context: Any = None  # its request's OpenTelemetry context (``tracing``)
+    enqueued_ns: int = field(default_factory=time.time_ns)  # wall clock, for the queue span
 
 
 def count_faces(items: list) -> int:

@@ -29,6 +29,7 @@ from ray import serve
 
 from engines import FACE_SIZE, load_config, load_engine, load_tom_hanks
 
+from . import tracing
 from .admission import Admission
 from .batching import (
     BatchItem,
@@ -135,14 +136,16 @@ class EmbeddingDeployment:
         chunks dropped because their request waited past ``max_queue_wait_s``."""
         started = time.perf_counter()
         keep = self.admission.start_batch([item.ticket for item in items])
+        tracing.record_queue(items, keep, tracing.now_ns())
         live = [item for item, k in zip(items, keep, strict=True) if k]
         if not live:
             return [None] * len(items)
         wait_s = started - min(item.enqueued_at for item in live)
-        loop = asyncio.get_running_loop()
-        results = iter(await loop.run_in_executor(self._encode_pool, run_batch, self.engine, live))
-        encode_s = time.perf_counter() - started
         faces = count_faces(live)
+        loop = asyncio.get_running_loop()
+        with tracing.encode_span(live, faces):
+            results = iter(await loop.run_in_executor(self._encode_pool, run_batch, self.engine, live))
+        encode_s = time.perf_counter() - started
         self.admission.finish_batch(faces, encode_s)
         self.stats.record(faces, len(live), wait_s, encode_s)
         self.metrics.batch(faces, wait_s, encode_s)
@@ -159,7 +162,9 @@ class EmbeddingDeployment:
         ticket = self.admission.admit(len(faces))
         try:
             chunks = split_request(faces, self._max_batch)
-            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c, ticket, timing=timing))
+            context = tracing.current_context()
+            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c, ticket, timing=timing,
+                                                                       trace_context=context))
                                            for c in chunks))
         finally:
             self.admission.release(ticket)
@@ -173,7 +178,8 @@ class EmbeddingDeployment:
         """The crops of ``jobs``: images decoded on the fair decode queue, ready crops as they are."""
         todo = [job for job in jobs if job.crop is None]
         started = time.perf_counter()
-        decoded = iter(await self._decoder.run([job.run for job in todo]))
+        with tracing.decode_span(len(todo)):
+            decoded = iter(await self._decoder.run([job.run for job in todo]))
         if timing is not None and todo:
             timing.decode_s += time.perf_counter() - started
         out = np.empty((len(jobs), FACE_SIZE, FACE_SIZE, 3), np.uint8)
