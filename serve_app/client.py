@@ -164,7 +164,20 @@ class _Protocol:
         return EmbedResult(np.concatenate([p.embeddings for p in parts]), norms, parts[0].contract)
 
 
-class EmbeddingClient(_Protocol):
+class _Closing:
+    """``with client:`` closes it (its session or channel)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class EmbeddingClient(_Closing, _Protocol):
     """Blocking client (``requests``); see the module docstring. Thread-safe for ``embed``."""
 
     def __init__(self, url: str, **options: Any) -> None:
@@ -172,12 +185,6 @@ class EmbeddingClient(_Protocol):
 
         super().__init__(url, **options)
         self._session = requests.Session()
-
-    def __enter__(self) -> EmbeddingClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         self._session.close()
@@ -338,7 +345,7 @@ class AsyncEmbeddingClient(_Protocol):
         return self._join(parts)
 
 
-class GrpcEmbeddingClient:
+class GrpcEmbeddingClient(_Closing):
     """``EmbeddingService`` over gRPC: ``embed(crops)`` as ``EmbedBatch`` of raw crops, split
     at ``max_faces_per_request``, retried on ``UNAVAILABLE``; ``last_timing`` from the trailing
     metadata. ``application``: the Serve application name (the ``application`` metadata)."""
@@ -359,12 +366,6 @@ class GrpcEmbeddingClient:
         self.max_faces, self.timeout_s = max_faces_per_request, timeout_s
         self.retry = retry or RetryPolicy()
         self.last_timing: dict[str, float] = {}
-
-    def __enter__(self) -> GrpcEmbeddingClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         self._channel.close()

@@ -13,7 +13,6 @@ import requests
 from openapi_spec_validator import validate
 from support import deploy
 
-from engines import get_engine
 from engines.base.align import norm_crop
 from engines.models.sample_faces import source_faces
 from serve_app.codec import NPY_MEDIA_TYPE, encode_npy
@@ -28,11 +27,6 @@ def url(serve_endpoints):
     deploy("api", {"max_queue_wait_s": 30, "max_faces_per_request": 8},
            user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.01})
     return serve_endpoints.http + "/api"
-
-
-@pytest.fixture(scope="module")
-def engine(mbf_model):
-    return get_engine("onnx", mbf_model)
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -15,7 +15,6 @@ import pytest
 import requests
 from support import deploy
 
-from engines import get_engine
 from engines.models.sample_faces import source_faces
 from serve_app.client import (
     AsyncEmbeddingClient,
@@ -35,11 +34,6 @@ def url(serve_endpoints):
     deploy("cli", {"max_queue_wait_s": 30, "max_faces_per_request": 4},
            user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.01})
     return serve_endpoints.http + "/cli"
-
-
-@pytest.fixture(scope="module")
-def engine(mbf_model):
-    return get_engine("onnx", mbf_model)
 
 
 def _cos(a, b) -> np.ndarray:
