@@ -27,6 +27,9 @@ class BatchItem:
     faces: np.ndarray
     ticket: Any = None
     enqueued_at: float = field(default_factory=time.perf_counter)
+    timing: Any = None  # its request's ``timing.RequestTiming``: the batch adds queue/compute
+    trace_context: Any = None  # its request's OpenTelemetry context (``tracing``)
+    enqueued_ns: int = field(default_factory=time.time_ns)  # wall clock, for the queue span
 
 
 def count_faces(items: list) -> int:

@@ -297,6 +297,7 @@ def decode_json_body(body: bytes) -> Any:
         raise RequestError(400, "bad_json", f"body is not valid JSON: {exc}") from None
 
 
+UNSET = object()  # a field the request did not send (null is a value, and refused where one is needed)
 _EMBED_FIELDS = ("images", "crops", "landmarks", "aligned")
 
 
@@ -316,9 +317,17 @@ def plan_embed_json(payload: Any, limits: Limits) -> list[FaceJob]:
     images = payload.get("images")
     if not isinstance(images, list):
         raise RequestError(422, "bad_request", "'images' must be a list of base64 JPEG/PNG strings")
+    return plan_images(images, payload.get("landmarks"), payload.get("aligned", UNSET), limits, decode_base64)
+
+
+def plan_images(images: list, landmarks: Any, aligned: Any, limits: Limits,
+                to_bytes=lambda data, where: data) -> list[FaceJob]:
+    """The jobs of a list of encoded images, from a JSON body (``to_bytes``: base64 decode) or
+    multipart file parts (bytes as they are): the same count, landmark and alignment rules,
+    the same messages, whichever transport carried them."""
     check_face_count(len(images), limits)
-    landmarks = payload.get("landmarks")
-    aligned = payload.get("aligned", landmarks is None)
+    if aligned is UNSET:
+        aligned = landmarks is None
     if not isinstance(aligned, bool):
         raise RequestError(422, "bad_request", "'aligned' must be true or false")
     if landmarks is not None:
@@ -338,10 +347,10 @@ def plan_embed_json(payload: Any, limits: Limits) -> list[FaceJob]:
             422, "bad_request", "'aligned' is false but no 'landmarks' were sent to align with"
         )
     jobs = []
-    for i, text in enumerate(images):
+    for i, data in enumerate(images):
         where = f"images[{i}]"
         kps = parse_landmarks(landmarks[i], f"landmarks[{i}]") if landmarks is not None else None
-        jobs.append(image_job(decode_base64(text, where), kps, where, limits))
+        jobs.append(image_job(to_bytes(data, where), kps, where, limits))
     return check_request_pixels(jobs, limits)
 
 

@@ -29,6 +29,7 @@ from ray import serve
 
 from engines import FACE_SIZE, load_config, load_engine, load_tom_hanks, search
 
+from . import tracing
 from .admission import Admission
 from .batching import (
     BatchItem,
@@ -51,11 +52,14 @@ from .codec import (
     plan_grpc_faces,
 )
 from .decode_queue import FairDecodeQueue
-from .errors import ErrorReporter, RequestError, grpc_method, install_http_handlers
+from .errors import ErrorReporter, RequestError, bind_reporter, grpc_method, install_http_handlers
 from .identify import GalleryHolder, identify_params, split_identify_payload
 from .metrics import ServiceMetrics
+from .multipart import plan_multipart
 from .protos import embedding_pb2 as pb
+from .schemas import MULTIPART, install_openapi
 from .settings import BatchingConfig, TokenAuth, parse_settings, parse_user_config
+from .timing import RequestTiming
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ api = FastAPI(
     version="1",
 )
 install_http_handlers(api)
+install_openapi(api)  # request/answer schemas of the raw-Request routes: schemas.ROUTES
 
 _JSON = "application/json"
 
@@ -88,7 +93,7 @@ class EmbeddingDeployment:
         self.stats = BatchStats()
         self.metrics = ServiceMetrics(self.engine_info)
         self.errors = ErrorReporter(self.metrics, self.settings.retry_after_s)
-        api.state.errors = self.errors
+        bind_reporter(self.errors)  # the HTTP handlers count refusals with it
         self.admission = Admission(self.settings.max_pending_faces, self.settings.max_queue_wait_s)
         # One encode thread: the engine already uses every core, and keeping the
         # call off the event loop lets requests queue (and batches grow) meanwhile.
@@ -137,26 +142,36 @@ class EmbeddingDeployment:
         chunks dropped because their request waited past ``max_queue_wait_s``."""
         started = time.perf_counter()
         keep = self.admission.start_batch([item.ticket for item in items])
+        tracing.record_queue(items, keep, tracing.now_ns())
         live = [item for item, k in zip(items, keep, strict=True) if k]
         if not live:
             return [None] * len(items)
         wait_s = started - min(item.enqueued_at for item in live)
-        loop = asyncio.get_running_loop()
-        results = iter(await loop.run_in_executor(self._encode_pool, run_batch, self.engine, live))
-        encode_s = time.perf_counter() - started
         faces = count_faces(live)
+        loop = asyncio.get_running_loop()
+        with tracing.encode_span(live, faces):
+            results = iter(await loop.run_in_executor(self._encode_pool, run_batch, self.engine, live))
+        encode_s = time.perf_counter() - started
         self.admission.finish_batch(faces, encode_s)
         self.stats.record(faces, len(live), wait_s, encode_s)
         self.metrics.batch(faces, wait_s, encode_s)
+        for item in live:
+            if item.timing is not None:
+                item.timing.add_chunk(started - item.enqueued_at, encode_s, faces)
         return [next(results) if k else None for k in keep]
 
-    async def embed(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def embed(self, faces: np.ndarray,
+                    timing: RequestTiming | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and norms of ``faces`` through the shared batch queue (admission first:
-        503 at once when the replica cannot start it within ``max_queue_wait_s``)."""
+        503 at once when the replica cannot start it within ``max_queue_wait_s``); ``timing``
+        gets the queue wait and engine time of its chunks."""
         ticket = self.admission.admit(len(faces))
         try:
             chunks = split_request(faces, self._max_batch)
-            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c, ticket)) for c in chunks))
+            context = tracing.current_context()
+            parts = await asyncio.gather(*(self._embed_batch(BatchItem(c, ticket, timing=timing,
+                                                                       trace_context=context))
+                                           for c in chunks))
         finally:
             self.admission.release(ticket)
         if any(part is None for part in parts):
@@ -165,10 +180,14 @@ class EmbeddingDeployment:
             return parts[0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    async def _crops(self, jobs: list[FaceJob]) -> np.ndarray:
+    async def _crops(self, jobs: list[FaceJob], timing: RequestTiming | None = None) -> np.ndarray:
         """The crops of ``jobs``: images decoded on the fair decode queue, ready crops as they are."""
         todo = [job for job in jobs if job.crop is None]
-        decoded = iter(await self._decoder.run([job.run for job in todo]))
+        started = time.perf_counter()
+        with tracing.decode_span(len(todo)):
+            decoded = iter(await self._decoder.run([job.run for job in todo]))
+        if timing is not None and todo:
+            timing.decode_s += time.perf_counter() - started
         out = np.empty((len(jobs), FACE_SIZE, FACE_SIZE, 3), np.uint8)
         for i, job in enumerate(jobs):
             out[i] = job.crop if job.crop is not None else next(decoded)
@@ -238,34 +257,42 @@ class EmbeddingDeployment:
     async def http_embed(self, request: Request) -> Response:
         """Embed faces: JSON ``{"images": [base64...], "landmarks"?, "aligned"?}`` or
         ``{"crops": [base64 of raw 112x112x3 BGR...]}``, or an ``application/x-npy`` body of
-        ``(N, 112, 112, 3)`` uint8 BGR crops. Answers JSON, or ``.npy`` float32 ``(N, D)`` with
-        ``Accept: application/x-npy``."""
+        ``(N, 112, 112, 3)`` uint8 BGR crops, or ``multipart/form-data`` image files (``multipart``).
+        Answers JSON, or ``.npy`` float32 ``(N, D)`` with ``Accept: application/x-npy``; timing
+        headers either way (``timing``). Bodies and answers: ``schemas.ROUTES``."""
+        timing = RequestTiming()
         self._check_auth(request.headers.get("authorization"))
-        ctype = self._content_type(request, (_JSON, NPY_MEDIA_TYPE))
+        ctype = self._content_type(request, (_JSON, NPY_MEDIA_TYPE, MULTIPART))
         self.admission.check_open()
         body = await self._read_body(request)
         if ctype == NPY_MEDIA_TYPE:
             faces = decode_npy(body, self.limits)
+        elif ctype == MULTIPART:
+            plan = await plan_multipart(body, request.headers["content-type"], self.limits)
+            faces = await self._crops(plan, timing)
         else:
-            faces = await self._crops(await self._json_plan(body, lambda p: plan_embed_json(p, self.limits)))
-        embeddings, norms = await self.embed(faces)
+            plan = await self._json_plan(body, lambda p: plan_embed_json(p, self.limits))
+            faces = await self._crops(plan, timing)
+        embeddings, norms = await self.embed(faces, timing)
         fields = self._response_fields()
         if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
-            headers = {f"x-arcface-{k}": str(v) for k, v in fields.items()}
+            headers = {**{f"x-arcface-{k}": str(v) for k, v in fields.items()}, **timing.fields()}
             return Response(encode_npy(embeddings), media_type=NPY_MEDIA_TYPE, headers=headers)
-        return JSONResponse({"embeddings": embeddings.tolist(), "norms": norms.tolist(), **fields})
+        return JSONResponse({"embeddings": embeddings.tolist(), "norms": norms.tolist(), "encoding": "json",
+                             **fields}, headers=timing.fields())
 
     @api.post("/v1/compare")
     async def http_compare(self, request: Request) -> Response:
         """Cosine similarity of two faces (``{"image", "landmarks"?}`` or ``{"crop"}``) or
         embeddings (``{"embedding": [...]}``), and a same-person decision at ``threshold``."""
+        timing = RequestTiming()
         self._check_auth(request.headers.get("authorization"))
         self._content_type(request, (_JSON,))
         self.admission.check_open()
         body = await self._read_body(request)
         threshold, sides = await self._json_plan(body, self._plan_compare)
         jobs = [job for job, _ in sides if job is not None]
-        vectors = iter((await self.embed(await self._crops(jobs)))[0]) if jobs else iter(())
+        vectors = iter((await self.embed(await self._crops(jobs, timing), timing))[0]) if jobs else iter(())
         a, b = (vec if vec is not None else next(vectors) for _, vec in sides)
         dim = self.engine_info.embedding_dim
         if a.shape != (dim,) or b.shape != (dim,):
@@ -277,7 +304,7 @@ class EmbeddingDeployment:
         cosine = float(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))
         return JSONResponse(
             {"cosine": cosine, "same_person": cosine >= float(threshold), "threshold": float(threshold),
-             **self._response_fields()}
+             **self._response_fields()}, headers=timing.fields()
         )
 
     def _plan_compare(self, payload: Any):
@@ -318,17 +345,18 @@ class EmbeddingDeployment:
         """1:N: the faces of an embed JSON body (``images``/``landmarks``/``aligned`` or ``crops``),
         plus ``top_k`` and ``threshold`` (defaults: ``identity.*`` of the config); for each face
         the top-k gallery identities by cosine and the decision (``identity`` or ``unknown``)."""
+        timing = RequestTiming()
         self._check_auth(request.headers.get("authorization"))
         self._content_type(request, (_JSON,))
         self.admission.check_open()
         gallery = self.gallery.current()
         body = await self._read_body(request)
         (top_k, threshold), jobs = await self._json_plan(body, self._plan_identify)
-        embeddings, _ = await self.embed(await self._crops(jobs))
+        embeddings, _ = await self.embed(await self._crops(jobs, timing), timing)
         found = search(gallery, embeddings, top_k, threshold)
         return JSONResponse({"results": found.to_dicts(), "threshold": threshold,
                              "gallery_version": gallery.version, "gallery_identities": len(gallery),
-                             **self._response_fields()})
+                             **self._response_fields()}, headers=timing.fields())
 
     def _plan_identify(self, payload: Any):
         own, rest = split_identify_payload(payload)
@@ -389,21 +417,26 @@ class EmbeddingDeployment:
             contract=fields["contract"], precision=fields["precision"],
         )
 
-    async def _grpc_embed(self, faces: list, crops: bytes) -> pb.EmbedResponse:
+    async def _grpc_embed(self, faces: list, crops: bytes, grpc_context) -> pb.EmbedResponse:
+        """The embeddings, with the timing fields in the trailing metadata (as HTTP's headers)."""
+        timing = RequestTiming()
         self.admission.check_open()
         plan = plan_grpc_faces(faces, crops, self.limits)
-        crops_array = plan if isinstance(plan, np.ndarray) else await self._crops(plan)
-        return self._grpc_response(*(await self.embed(crops_array)))
+        crops_array = plan if isinstance(plan, np.ndarray) else await self._crops(plan, timing)
+        reply = self._grpc_response(*(await self.embed(crops_array, timing)))
+        if grpc_context is not None:
+            grpc_context.set_trailing_metadata(timing.grpc_metadata())
+        return reply
 
     @grpc_method(pb.EmbedRequest, pb.EmbedResponse)
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         self._grpc_auth(grpc_context)
-        return await self._grpc_embed([request.face], b"")
+        return await self._grpc_embed([request.face], b"", grpc_context)
 
     @grpc_method(pb.EmbedBatchRequest, pb.EmbedResponse)
     async def EmbedBatch(self, request: pb.EmbedBatchRequest, grpc_context=None) -> pb.EmbedResponse:
         self._grpc_auth(grpc_context)
-        return await self._grpc_embed(list(request.faces), request.crops)
+        return await self._grpc_embed(list(request.faces), request.crops, grpc_context)
 
     @grpc_method(pb.IdentifyRequest, pb.IdentifyResponse)
     async def Identify(self, request: pb.IdentifyRequest, grpc_context=None) -> pb.IdentifyResponse:
@@ -414,9 +447,12 @@ class EmbeddingDeployment:
         if request.HasField("threshold"):
             own["threshold"] = request.threshold
         top_k, threshold = identify_params(own, self.identity.top_k, self.identity.threshold)
+        timing = RequestTiming()
         plan = plan_grpc_faces(list(request.faces), request.crops, self.limits)
-        crops = plan if isinstance(plan, np.ndarray) else await self._crops(plan)
-        found = search(gallery, (await self.embed(crops))[0], top_k, threshold)
+        crops = plan if isinstance(plan, np.ndarray) else await self._crops(plan, timing)
+        found = search(gallery, (await self.embed(crops, timing))[0], top_k, threshold)
+        if grpc_context is not None:
+            grpc_context.set_trailing_metadata(timing.grpc_metadata())
         return pb.IdentifyResponse(
             results=[pb.Identification(identity=r["identity"], match=r["match"], score=r["score"],
                                        candidates=[pb.Candidate(**c) for c in r["candidates"]])

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Reason tags, by HTTP status (the README's error table lists them).
 REASONS: dict[str, int] = {
-    "bad_json": 400, "bad_base64": 400, "bad_npy": 400, "bad_protobuf": 400, "bad_request": 400,
+    "bad_json": 400, "bad_base64": 400, "bad_npy": 400, "bad_protobuf": 400, "bad_multipart": 400,
+    "bad_request": 400,
     "unauthorized": 401,
     "not_found": 404, "method_not_allowed": 405, "timeout": 408,
     "contract_mismatch": 409,
@@ -90,7 +91,7 @@ def new_error_id() -> str:
 # -- HTTP (the replica's FastAPI app) ------------------------------------------------------
 class ErrorReporter:
     """What the replica does with each refusal: count it (``reason``, ``protocol``) and say
-    when to retry. Bound to the app state by the deployment; a no-op until then."""
+    when to retry. The deployment binds its own (``bind_reporter``); a no-op until then."""
 
     def __init__(self, metrics=None, retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> None:
         self.metrics = metrics
@@ -108,13 +109,30 @@ class ErrorReporter:
                         media_type="application/json", headers=error_headers(err.status, self.retry_after_s))
 
 
+_REPORTER = ErrorReporter()
+
+
+def bind_reporter(reporter: ErrorReporter) -> None:
+    """The reporter of this process's replica. Module state, not ``app.state``: ``serve.ingress``
+    serves a pickled copy of the FastAPI app, made at import time, so state set on the
+    module's app later never reaches the app that answers (one replica per actor process); and
+    the handlers, pickled by value with that copy, read it through ``current_reporter``, a
+    module-level function (pickled by reference), never through a global of their own."""
+    global _REPORTER
+    _REPORTER = reporter
+
+
+def current_reporter() -> ErrorReporter:
+    return _REPORTER
+
+
 def install_http_handlers(app) -> None:
     """Render ``RequestError`` and Starlette's HTTP errors in our shape; wrap ``app`` in the
     catch-all. Idempotent per app (the module that owns the app calls it once)."""
     from starlette.exceptions import HTTPException
 
     def reporter(request) -> ErrorReporter:
-        return getattr(request.app.state, "errors", None) or ErrorReporter()
+        return current_reporter()
 
     async def on_request_error(request, exc: RequestError):
         return reporter(request).http_response(exc)

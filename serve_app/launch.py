@@ -54,6 +54,14 @@ def controller_options(config) -> dict[str, Any]:
     return {**given, "runtime_env": runtime_env}
 
 
+def worker_runtime_env(config) -> dict[str, Any] | None:
+    """The job's ``runtime_env`` for a local Ray: the ``OTEL_*`` variables of the proxy
+    environment reach the replicas too (their spans go to the same collector). On a cluster,
+    set them in the pods' environment (README "Tracing")."""
+    otel = {k: v for k, v in proxy_env(config).items() if k.startswith("OTEL_")}
+    return {"env_vars": otel} if otel else None
+
+
 def check_auth_ready(config) -> None:
     """For a service started here, whose replicas inherit this environment: an application with
     ``require_auth`` and no token fails now, with the replica's own message, instead of after
@@ -176,12 +184,14 @@ def start(config, address: str | None = None, num_cpus: int | None = None,
             check_auth_ready(config)
             check_ports_free(config)  # a new local Serve binds them; a cluster's may hold them already
             ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, namespace="serve",
-                     object_store_memory=256 << 20, log_to_driver=log_to_driver)
+                     object_store_memory=256 << 20, log_to_driver=log_to_driver,
+                     runtime_env=worker_runtime_env(config))
     client = serve_private_api.serve_start(
         http_options=config.http_options.model_dump(),
         proxy_location=config.proxy_location,
         grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
         controller_options=controller_options(config),
+        global_tracing_config=config.tracing_config,
     )
     client.deploy_apps(config, _blocking=False)
     names = tuple(app.name for app in config.applications)

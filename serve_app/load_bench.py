@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .codec import NPY_MEDIA_TYPE, encode_npy
+from .client import AsyncEmbeddingClient, RetryPolicy, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -46,50 +46,38 @@ class LoadResult:
         return asdict(self)
 
 
-def _bodies(faces_per_request: int, count: int = 16) -> list[bytes]:
+def _batches(faces_per_request: int, count: int = 16) -> list[np.ndarray]:
     from engines import jittered_faces
 
     pool = jittered_faces(max(faces_per_request * count, 7), seed=4242).faces
     rng = np.random.default_rng(0)
-    return [
-        encode_npy(pool[rng.choice(len(pool), faces_per_request, replace=False)]) for _ in range(count)
-    ]
-
-
-async def _get_json(session, url: str, headers: dict[str, str]) -> dict[str, Any]:
-    async with session.get(url, headers=headers) as resp:
-        resp.raise_for_status()
-        return await resp.json()
+    return [pool[rng.choice(len(pool), faces_per_request, replace=False)] for _ in range(count)]
 
 
 async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: float,
-                warmup_s: float, headers: dict[str, str]) -> tuple[LoadResult, dict, dict]:
-    import aiohttp
-
-    bodies = _bodies(faces_per_request)
-    req_headers = {**headers, "content-type": NPY_MEDIA_TYPE, "accept": NPY_MEDIA_TYPE}
+                warmup_s: float, token: str | None) -> tuple[LoadResult, dict, dict]:
+    """Load through ``client.AsyncEmbeddingClient`` (``.npy`` both ways, no retries: a refusal
+    is counted, by status, as the service's answer)."""
+    batches = _batches(faces_per_request)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     done_faces = 0
-    timeout = aiohttp.ClientTimeout(total=120)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        info_url = url.rstrip("/") + "/v1/info"
-        embed_url = url.rstrip("/") + "/v1/embed"
+    client = AsyncEmbeddingClient(url, token=token, accept="npy", retry=RetryPolicy(retries=0),
+                                  connections=concurrency, timeout_s=120)
+    async with client:
 
         async def worker(i: int, until: float, record: bool) -> None:
             nonlocal done_faces
             k = i
             while time.perf_counter() < until:
-                body = bodies[k % len(bodies)]
+                crops = batches[k % len(batches)]
                 k += 1
                 started = time.perf_counter()
                 try:
-                    async with session.post(embed_url, data=body, headers=req_headers) as resp:
-                        await resp.read()
-                        status = resp.status
-                except aiohttp.ClientError as exc:
-                    status = type(exc).__name__
+                    await client.embed(crops)
+                    status: int | str = 200
+                except ServiceError as exc:
+                    status = exc.status or exc.reason
                 if not record:
                     continue
                 if status == 200:
@@ -98,15 +86,16 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
                 else:
                     errors[str(status)] = errors.get(str(status), 0) + 1
 
+        before = await client.info()  # also the client's request limit and contract
         if warmup_s > 0:
             end = time.perf_counter() + warmup_s
             await asyncio.gather(*(worker(i, end, False) for i in range(concurrency)))
-        before = await _get_json(session, info_url, headers)
+            before = await client.info()
         started = time.perf_counter()
         end = started + duration_s
         await asyncio.gather(*(worker(i, end, True) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-        after = await _get_json(session, info_url, headers)
+        after = await client.info()
     lat = np.asarray(latencies) * 1e3
     result = LoadResult(
         url=url,
@@ -148,9 +137,8 @@ def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) 
 def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, duration_s: float,
                        warmup_s: float = 3.0, token: str | None = None,
                        inprocess_s: float | None = None) -> LoadResult:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     result, before, after = asyncio.run(
-        _load(url, concurrency, faces_per_request, duration_s, warmup_s, headers)
+        _load(url, concurrency, faces_per_request, duration_s, warmup_s, token)
     )
     b0, b1 = before.get("batch_stats", {}), after.get("batch_stats", {})
     batches = b1.get("batches", 0) - b0.get("batches", 0)

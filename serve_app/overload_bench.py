@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .codec import NPY_MEDIA_TYPE
-from .load_bench import _bodies
+from .codec import NPY_MEDIA_TYPE, encode_npy
+from .load_bench import _batches
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class _Client:
         self.plan = plan
         self.session = session
         self.url = plan.url.rstrip("/") + "/v1/embed"
-        self.bodies = _bodies(plan.faces_per_request)
+        self.bodies = [encode_npy(b) for b in _batches(plan.faces_per_request)]
         self.headers = {"content-type": NPY_MEDIA_TYPE, "accept": NPY_MEDIA_TYPE}
         if plan.token:
             self.headers["authorization"] = f"Bearer {plan.token}"

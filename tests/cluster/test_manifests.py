@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import dashboard_queries
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -269,3 +270,39 @@ def test_sync_check_catches_a_stale_rayservice_and_sync_repairs_it(tmp_path):
     before = load(RAYSERVICE)
     del before["spec"]["serveConfigV2"], fixed["spec"]["serveConfigV2"]
     assert fixed == before  # nothing else in the manifest moved
+
+
+# -- monitoring: PodMonitor and Grafana dashboard ----------------------------------------------
+PODMONITOR = CLUSTER / "kuberay" / "podmonitor.yaml"
+
+
+def test_podmonitor_scrapes_the_metrics_port_of_every_ray_pod_of_the_service():
+    monitor = load(PODMONITOR)
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    service = load(RAYSERVICE)
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    for pod in pods:
+        ports = {p.get("name"): p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
+        assert ports.get(endpoint["port"]) == 8080, ports  # Ray's --metrics-export-port under KubeRay
+    selector = monitor["spec"]["selector"]
+    assert selector["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    (expr,) = selector["matchExpressions"]
+    assert expr["values"] == [service["metadata"]["name"]]
+
+
+def test_dashboard_is_grafana_json_on_a_prometheus_datasource():
+    dash = json.loads((CLUSTER / "grafana" / "arcface-serve.json").read_text())
+    assert dash["uid"] and dash["title"] and dash["panels"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dash["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        exprs = [t["expr"] for t in panel["targets"]]
+        assert exprs and all(e.count("(") == e.count(")") for e in exprs), panel["title"]
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("faces embedded per second", "faces per engine batch", "queue wait", "engine time",
+                   "rejected", "replicas"):
+        assert needed in titles, needed
+    assert all(re.findall(r"\bray_[a-z0-9_]+", e) for e in dashboard_queries())

@@ -123,3 +123,15 @@ def png_bomb(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     rows = zlib.compress(b"\x00" * (1 + 3 * min(width, 4096)) * 4)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of cluster/grafana/arcface-serve.json (panels, template variables)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "arcface-serve.json"
+    dash = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    return exprs

@@ -31,3 +31,11 @@ def serve_endpoints(ray_local) -> ServeEndpoints:
         controller_options=controller_options(load_serve_config()),
     )
     return ServeEndpoints(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", ray_local)
+
+
+@pytest.fixture(scope="session")
+def engine(mbf_model):
+    """The engine the test applications serve (``support.SERVE_MODEL_ARGS``), in this process."""
+    from engines import get_engine
+
+    return get_engine("onnx", mbf_model)

@@ -1,0 +1,412 @@
+"""Python clients of the embedding service: ``EmbeddingClient`` (sync), ``AsyncEmbeddingClient``
+(asyncio) and ``GrpcEmbeddingClient``.
+
+What every integrator would otherwise re-implement: ``.npy`` framing (the default transport of
+crops; JSON with ``transport="json"``), the bearer token, retries with exponential backoff on
+503 / ``UNAVAILABLE`` that wait at least the service's ``Retry-After``, splitting an array
+larger than the service's ``max_faces_per_request`` (read once from ``/v1/info``) into several
+requests, and the embedding contract: a client expects one (``expected_contract``, or the
+first one the service reports) and raises ``ContractMismatch`` on any answer in another space,
+so embeddings of two models are never mixed. Every embed returns ``EmbedResult(embeddings,
+norms, contract)``; ``last_timing`` holds the timing headers of the last answer.
+
+    from serve_app.client import EmbeddingClient
+    with EmbeddingClient("http://127.0.0.1:8000", token="...") as client:
+        embeddings, norms, contract = client.embed(crops)  # (N, 112, 112, 3) uint8 BGR
+
+Answers: JSON by default (norms included); ``accept="npy"`` takes ``.npy`` float32 (less to
+parse; the service sends no norms with it: ``norms`` is ``None``). The answer encoding is one
+field (``accept``) so that further encodings slot in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+NPY = "application/x-npy"
+Transport = Literal["npy", "json"]
+Accept = Literal["json", "npy"]
+__all__ = ["AsyncEmbeddingClient", "ContractMismatch", "EmbedResult", "EmbeddingClient",
+           "GrpcEmbeddingClient", "RetryPolicy", "ServiceError"]
+
+
+class EmbedResult(NamedTuple):
+    embeddings: np.ndarray  # (N, dim) float32, unit norm, in input order
+    norms: np.ndarray | None  # (N,) norms before L2 normalisation (None with accept="npy")
+    contract: str
+
+
+class ServiceError(Exception):
+    """An answer in the service's error shape (or a transport failure: ``status`` 0)."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status, self.reason, self.message, self.retry_after_s = status, reason, message, retry_after_s
+
+
+class ContractMismatch(Exception):
+    """The service answered in another embedding space than the one this client expects."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of retryable refusals (503, ``UNAVAILABLE``, connection errors): at most
+    ``retries`` more tries, waiting ``backoff_s * 2**attempt`` (capped at ``max_backoff_s``)
+    and never less than the service's ``Retry-After``."""
+
+    retries: int = 5
+    backoff_s: float = 0.1
+    max_backoff_s: float = 10.0
+
+    def delay(self, attempt: int, retry_after_s: float | None) -> float:
+        return max(retry_after_s or 0.0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _error(status: int, body: bytes, retry_after: str | None) -> ServiceError:
+    try:
+        err = json.loads(body)["error"]
+        return ServiceError(status, err["reason"], err["message"], _retry_after(retry_after))
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(status, "unknown", body[:200].decode(errors="replace"), _retry_after(retry_after))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _Protocol:
+    """What the sync and asyncio clients share: bodies, answers, contract, splitting."""
+
+    def __init__(self, url: str, token: str | None = None, expected_contract: str | None = None,
+                 transport: Transport = "npy", accept: Accept = "json", timeout_s: float = 120.0,
+                 retry: RetryPolicy | None = None, max_faces_per_request: int | None = None) -> None:
+        if transport not in ("npy", "json") or accept not in ("json", "npy"):
+            raise ValueError(f"transport must be npy or json, accept json or npy; got {transport}, {accept}")
+        self.url = url.rstrip("/")
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.expected_contract = expected_contract
+        self.transport, self.accept, self.timeout_s = transport, accept, timeout_s
+        self.retry = retry or RetryPolicy()
+        self.max_faces = max_faces_per_request  # None: read from /v1/info on first use
+        self.last_timing: dict[str, float] = {}
+
+    def _crops_request(self, crops: np.ndarray) -> tuple[dict[str, str], dict[str, Any]]:
+        headers = {**self.headers, "accept": NPY if self.accept == "npy" else "application/json"}
+        if self.transport == "npy":
+            return {**headers, "content-type": NPY}, {"data": _npy(crops)}
+        b64 = [base64.b64encode(np.ascontiguousarray(c).tobytes()).decode() for c in crops]
+        return headers, {"json": {"crops": b64}}
+
+    def _result(self, headers, body: bytes) -> EmbedResult:
+        self.last_timing = {k: float(v) for k, v in headers.items() if k.lower().startswith("x-") and
+                            k.lower().endswith(("-time", "-faces"))}
+        if (headers.get("content-type") or "").startswith(NPY):
+            embeddings = np.load(io.BytesIO(body), allow_pickle=False)
+            return EmbedResult(embeddings, None, self._check(headers.get("x-arcface-contract", "")))
+        payload = json.loads(body)
+        return EmbedResult(np.asarray(payload["embeddings"], np.float32).reshape(-1, payload["dim"]),
+                           np.asarray(payload["norms"], np.float32), self._check(payload["contract"]))
+
+    def _check(self, contract: str) -> str:
+        if self.expected_contract is None:
+            self.expected_contract = contract
+        elif contract != self.expected_contract:
+            raise ContractMismatch(f"the service answers in contract {contract!r}, this client expects "
+                                   f"{self.expected_contract!r}: embeddings of different models are not "
+                                   "comparable")
+        return contract
+
+    def _info_limits(self, info: dict[str, Any]) -> None:
+        self.max_faces = int(info["service"]["max_faces_per_request"])
+        self._check(info["contract"])
+
+    @staticmethod
+    def _images_request(images: list[bytes], landmarks, transport: str) -> dict[str, Any]:
+        lms = None if landmarks is None else [np.asarray(k, float).tolist() for k in landmarks]
+        if transport == "multipart":
+            files = [("images", (f"image{i}", data, "application/octet-stream"))
+                     for i, data in enumerate(images)]
+            return {"files": files, "data": {} if lms is None else {"landmarks": json.dumps(lms)}}
+        body: dict[str, Any] = {"images": [base64.b64encode(d).decode() for d in images]}
+        if lms is not None:
+            body["landmarks"] = lms
+        return {"json": body}
+
+    @staticmethod
+    def _join(parts: list[EmbedResult]) -> EmbedResult:
+        if len(parts) == 1:
+            return parts[0]
+        norms = None if parts[0].norms is None else np.concatenate([p.norms for p in parts])
+        return EmbedResult(np.concatenate([p.embeddings for p in parts]), norms, parts[0].contract)
+
+
+class _Closing:
+    """``with client:`` closes it (its session or channel)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class EmbeddingClient(_Closing, _Protocol):
+    """Blocking client (``requests``); see the module docstring. Thread-safe for ``embed``."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        import requests
+
+        super().__init__(url, **options)
+        self._session = requests.Session()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _send(self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any):
+        import requests
+
+        for attempt in range(self.retry.retries + 1):
+            try:
+                resp = self._session.request(method, self.url + path, headers=headers or self.headers,
+                                             timeout=self.timeout_s, **kwargs)
+                err = None if resp.status_code == 200 else _error(resp.status_code, resp.content,
+                                                                  resp.headers.get("retry-after"))
+            except requests.ConnectionError as exc:
+                resp, err = None, ServiceError(0, "connection", str(exc))
+            if err is None:
+                return resp
+            if err.status not in (0, 503) or attempt == self.retry.retries:
+                raise err
+            delay = self.retry.delay(attempt, err.retry_after_s)
+            logger.info("%s %s: %s; retry %d in %.2f s", method, path, err.reason, attempt + 1, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def info(self) -> dict[str, Any]:
+        return self._send("GET", "/v1/info").json()
+
+    def health(self) -> dict[str, Any]:
+        return self._send("GET", "/healthz").json()
+
+    def _limit(self) -> int:
+        if self.max_faces is None:
+            self._info_limits(self.info())
+        return self.max_faces
+
+    def embed(self, crops: np.ndarray) -> EmbedResult:
+        """Embeddings of aligned ``(N, 112, 112, 3)`` uint8 BGR crops, in requests of at most
+        ``max_faces_per_request`` faces."""
+        crops = np.asarray(crops)
+        parts = []
+        for part in _chunks(len(crops), self._limit()):
+            headers, body = self._crops_request(crops[part])
+            resp = self._send("POST", "/v1/embed", headers, **body)
+            parts.append(self._result(resp.headers, resp.content))
+        return self._join(parts)
+
+    def embed_images(self, images: list[bytes], landmarks: list | None = None,
+                     transport: Literal["json", "multipart"] = "json") -> EmbedResult:
+        """Embeddings of encoded images (aligned crops, or any image with its 5 landmarks each),
+        sent as JSON base64 or as ``multipart/form-data`` files."""
+        parts = []
+        for part in _chunks(len(images), self._limit()):
+            marks = None if landmarks is None else landmarks[part]
+            body = self._images_request(images[part], marks, transport)
+            resp = self._send("POST", "/v1/embed", {**self.headers, "accept": "application/json"}, **body)
+            parts.append(self._result(resp.headers, resp.content))
+        return self._join(parts)
+
+    def compare(self, a: dict[str, Any], b: dict[str, Any], threshold: float | None = None) -> dict[str, Any]:
+        """``/v1/compare`` of two face specs (``{"image"|"crop"|"embedding": ...}``); the
+        client's contract goes along, so embeddings of another space are refused (409)."""
+        body: dict[str, Any] = {"a": a, "b": b}
+        if threshold is not None:
+            body["threshold"] = threshold
+        if self.expected_contract:
+            body["contract"] = self.expected_contract
+        resp = self._send("POST", "/v1/compare", json=body)
+        self._check(resp.json()["contract"])
+        return resp.json()
+
+
+class AsyncEmbeddingClient(_Protocol):
+    """asyncio client (``aiohttp``), the same calls as ``EmbeddingClient`` awaited. Create and
+    use it inside one event loop; ``async with`` closes its session."""
+
+    def __init__(self, url: str, connections: int = 100, **options: Any) -> None:
+        super().__init__(url, **options)
+        self._connections = connections
+        self._session = None
+
+    async def __aenter__(self) -> AsyncEmbeddingClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self):
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self._connections))
+        return self._session
+
+    async def _send(self, method: str, path: str, headers: dict[str, str] | None = None,
+                    **kwargs: Any) -> tuple[Any, bytes]:
+        import aiohttp
+
+        for attempt in range(self.retry.retries + 1):
+            try:
+                async with self._http().request(method, self.url + path, headers=headers or self.headers,
+                                                **kwargs) as resp:
+                    body = await resp.read()
+                    err = None if resp.status == 200 else _error(resp.status, body,
+                                                                 resp.headers.get("retry-after"))
+                    resp_headers = resp.headers
+            except aiohttp.ClientConnectionError as exc:
+                err = ServiceError(0, "connection", str(exc))
+            if err is None:
+                return resp_headers, body
+            if err.status not in (0, 503) or attempt == self.retry.retries:
+                raise err
+            await asyncio.sleep(self.retry.delay(attempt, err.retry_after_s))
+        raise AssertionError("unreachable")
+
+    async def info(self) -> dict[str, Any]:
+        return json.loads((await self._send("GET", "/v1/info"))[1])
+
+    async def health(self) -> dict[str, Any]:
+        return json.loads((await self._send("GET", "/healthz"))[1])
+
+    async def _limit(self) -> int:
+        if self.max_faces is None:
+            self._info_limits(await self.info())
+        return self.max_faces
+
+    async def embed(self, crops: np.ndarray) -> EmbedResult:
+        crops = np.asarray(crops)
+        parts = []
+        for part in _chunks(len(crops), await self._limit()):
+            headers, body = self._crops_request(crops[part])
+            parts.append(self._result(*(await self._send("POST", "/v1/embed", headers, **body))))
+        return self._join(parts)
+
+    async def embed_images(self, images: list[bytes], landmarks: list | None = None,
+                           transport: Literal["json", "multipart"] = "json") -> EmbedResult:
+        import aiohttp
+
+        parts = []
+        for part in _chunks(len(images), await self._limit()):
+            marks = None if landmarks is None else landmarks[part]
+            body = self._images_request(images[part], marks, transport)
+            if transport == "multipart":
+                form = aiohttp.FormData()
+                for name, (filename, data, ctype) in body["files"]:
+                    form.add_field(name, data, filename=filename, content_type=ctype)
+                for name, value in body["data"].items():
+                    form.add_field(name, value)
+                body = {"data": form}
+            headers = {**self.headers, "accept": "application/json"}
+            parts.append(self._result(*(await self._send("POST", "/v1/embed", headers, **body))))
+        return self._join(parts)
+
+
+class GrpcEmbeddingClient(_Closing):
+    """``EmbeddingService`` over gRPC: ``embed(crops)`` as ``EmbedBatch`` of raw crops, split
+    at ``max_faces_per_request``, retried on ``UNAVAILABLE``; ``last_timing`` from the trailing
+    metadata. ``application``: the Serve application name (the ``application`` metadata)."""
+
+    def __init__(self, target: str, application: str | None = None, token: str | None = None,
+                 expected_contract: str | None = None, max_faces_per_request: int = 256,
+                 timeout_s: float = 120.0, retry: RetryPolicy | None = None) -> None:
+        import grpc
+
+        from .protos import embedding_pb2_grpc as pb_grpc
+
+        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1),
+                                                               ("grpc.max_receive_message_length", -1)])
+        self.stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self.metadata = ([("application", application)] if application else []) + (
+            [("authorization", f"Bearer {token}")] if token else [])
+        self._contract = _Protocol("grpc://" + target, expected_contract=expected_contract)
+        self.max_faces, self.timeout_s = max_faces_per_request, timeout_s
+        self.retry = retry or RetryPolicy()
+        self.last_timing: dict[str, float] = {}
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @property
+    def expected_contract(self) -> str | None:
+        return self._contract.expected_contract
+
+    def _call(self, method, request):
+        import grpc
+
+        for attempt in range(self.retry.retries + 1):
+            try:
+                reply, call = method.with_call(request, metadata=self.metadata, timeout=self.timeout_s)
+                self.last_timing = {k: float(v) for k, v in call.trailing_metadata() or ()
+                                    if k.endswith(("-time", "-faces"))}
+                return reply
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retry.retries:
+                    raise
+                time.sleep(self.retry.delay(attempt, None))
+        raise AssertionError("unreachable")
+
+    def embed(self, crops: np.ndarray) -> EmbedResult:
+        from .protos import embedding_pb2 as pb
+
+        crops = np.ascontiguousarray(crops, np.uint8)
+        parts = []
+        for part in _chunks(len(crops), self.max_faces):
+            reply = self._call(self.stub.EmbedBatch, pb.EmbedBatchRequest(crops=crops[part].tobytes()))
+            parts.append(EmbedResult(np.asarray([e.values for e in reply.embeddings], np.float32),
+                                     np.asarray([e.norm for e in reply.embeddings], np.float32),
+                                     self._contract._check(reply.contract)))
+        return _Protocol._join(parts)
+
+    def embed_image(self, image: bytes, landmarks=None) -> EmbedResult:
+        """One encoded image (``Embed``), aligned by ``landmarks`` (5 [x, y]) when given."""
+        from .protos import embedding_pb2 as pb
+
+        face = pb.Face(image=image, landmarks=[] if landmarks is None else np.ravel(landmarks).tolist())
+        reply = self._call(self.stub.Embed, pb.EmbedRequest(face=face))
+        return EmbedResult(np.asarray([e.values for e in reply.embeddings], np.float32),
+                           np.asarray([e.norm for e in reply.embeddings], np.float32),
+                           self._contract._check(reply.contract))
