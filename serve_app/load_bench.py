@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from engines import CpuSampler
+
 from .client import AsyncEmbeddingClient, RetryPolicy, ServiceError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class LoadResult:
     inprocess_batch_size: int | None = None
     ratio_to_inprocess: float | None = None
     engine: dict[str, Any] = field(default_factory=dict)
+    # CPU of the service's processes during the measured load, by role (engines.bench.cpu_cost):
+    # proxy, replica (engine included), serve_controller, ray_system, ...; with --start only
+    shell_cpu: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,10 +96,13 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
             end = time.perf_counter() + warmup_s
             await asyncio.gather(*(worker(i, end, False) for i in range(concurrency)))
             before = await client.info()
+        # the service's processes (a --start cluster is this process's tree), not this load generator
+        sampler = CpuSampler(exclude_self=True).start()
         started = time.perf_counter()
         end = started + duration_s
         await asyncio.gather(*(worker(i, end, True) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
+        cost = sampler.stop()
         after = await client.info()
     lat = np.asarray(latencies) * 1e3
     result = LoadResult(
@@ -107,6 +115,8 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
         errors=errors,
         throughput_fps=done_faces / elapsed,
         requests_per_s=len(latencies) / elapsed,
+        # nothing seen: the service runs outside this process's tree (--url without --start)
+        shell_cpu=cost.per_face(done_faces) if cost.cpu_s > 0 else None,
     )
     if lat.size:
         result.latency_ms_p50, result.latency_ms_p95, result.latency_ms_p99 = (
@@ -165,6 +175,12 @@ def format_result(r: LoadResult) -> str:
         f"p99 {r.latency_ms_p99:.1f} ms",
         f"  batches     mean {r.observed_mean_batch_faces or float('nan'):.1f} faces per engine batch",
     ]
+    if r.shell_cpu:
+        c = r.shell_cpu
+        roles = ", ".join(f"{k} {v:.3f}" for k, v in sorted(c["cpu_ms_per_face_by_role"].items(),
+                                                           key=lambda kv: -kv[1]))
+        lines.append(f"  cpu         {c['cpu_ms_per_face']:.3f} ms per face ({roles}); {c['cores_busy']} "
+                     f"cores busy; {c['faces_per_cpu_s']:.0f} faces per CPU-second")
     if r.inprocess_fps:
         lines.append(
             f"  in-process  {r.inprocess_fps:.1f} faces/s at batch {r.inprocess_batch_size}; "

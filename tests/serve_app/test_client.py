@@ -124,7 +124,9 @@ def test_grpc_client(url, serve_endpoints, engine, faces):
 def test_retries_on_503_wait_retry_after_and_succeed_once_the_queue_drains(serve_endpoints, faces, caplog):
     """Fill the replica's queue with heavy requests: a client without retries gets the 503, a
     client with retries waits at least Retry-After between tries and gets its answer."""
-    deploy("busy", {"max_queue_wait_s": 0.2, "retry_after_s": 1},
+    # a queue wait shorter than one batch: while any flood request runs, every other is refused,
+    # so the patient client's first try meets a full queue however fast the host is
+    deploy("busy", {"max_queue_wait_s": 0.02, "retry_after_s": 1},
            user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.0})
     url = serve_endpoints.http + "/busy"
     heavy = encode_npy(np.repeat(faces, 13, axis=0)[:256])
@@ -132,8 +134,11 @@ def test_retries_on_503_wait_retry_after_and_succeed_once_the_queue_drains(serve
 
     def flood(_):
         while not stop.is_set():
-            requests.post(url + "/v1/embed", data=heavy, headers={"content-type": NPY_MEDIA_TYPE},
-                          timeout=120)
+            try:
+                requests.post(url + "/v1/embed", data=heavy, headers={"content-type": NPY_MEDIA_TYPE},
+                              timeout=120)
+            except requests.RequestException:  # refused before the body was read: the connection
+                continue  # closes mid-upload; a flood thread that died would let the queue drain
 
     with ThreadPoolExecutor(8) as pool:
         for i in range(8):

@@ -127,6 +127,10 @@ def test_bench_serve_starts_the_service_from_config_and_measures_it(tmp_path):
     assert out["latency_ms_p99"] >= out["latency_ms_p50"] > 0
     assert out["observed_mean_batch_faces"] >= 2
     assert out["inprocess_fps"] > 0 and out["ratio_to_inprocess"] > 0
+    # the service's CPU by role, from the processes --start launched (not the load generator)
+    cpu = out["shell_cpu"]
+    assert cpu["cpu_ms_per_face"] > 0 and "driver" not in cpu["cpu_s_by_role"], cpu
+    assert cpu["cpu_s_by_role"].get("replica", 0) > 0 and cpu["cpu_s_by_role"].get("proxy", 0) > 0, cpu
 
 
 @pytest.mark.integration
