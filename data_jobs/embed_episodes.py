@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from engines import ConfigError, load_config, locate, run_with_exit_codes
+from engines import ConfigError, cpu_summary, load_config, locate, run_with_exit_codes
 
 from .job import JobReport, JobSpec, _engine_overrides, inprocess_reference, run_job
 from .job import __doc__ as JOB_DOC
@@ -133,11 +133,7 @@ def format_report(r: JobReport) -> str:
             f"({r.lance['index_type']})"
         )
     if r.shell_cpu and r.shell_cpu["cpu_s"]:
-        c = r.shell_cpu
-        roles = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c["cpu_ms_per_face_by_role"].items(),
-                                                          key=lambda kv: -kv[1]))
-        lines.append(f"cpu       {c['cpu_ms_per_face']:.2f} ms per face ({roles}); {c['cores_busy']} cores "
-                     f"busy; {c['faces_per_cpu_s']:.0f} faces per CPU-second")
+        lines.append(f"cpu       {cpu_summary(r.shell_cpu)}")
     if r.inprocess_fps:
         lines.append(
             f"in-process engine {r.inprocess_fps:.1f} faces/s; job / in-process = {r.ratio_to_inprocess:.2f}"

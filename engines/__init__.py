@@ -14,7 +14,7 @@ from .base.align import ARCFACE_TEMPLATE, LANDMARK_NAMES, check_landmarks, norm_
 from .base.contract import EmbeddingEngine, EngineInfo, embedding_contract_id, model_contract
 from .base.image import ALLOWED_FORMATS, ImageRejected, check_image_header, decode_image
 from .base.preprocess import FACE_SIZE
-from .bench.cpu_cost import CpuCost, CpuSampler
+from .bench.cpu_cost import CpuCost, CpuSampler, cpu_summary
 from .cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -124,6 +124,7 @@ __all__ = [
     "compare_embeddings",
     "configured_model",
     "cpu_model_name",
+    "cpu_summary",
     "decode_image",
     "delete_files",
     "embedding_contract_id",

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engines import CpuSampler
+from engines import CpuSampler, cpu_summary
 
 from .client import AsyncEmbeddingClient, RetryPolicy, ServiceError
 
@@ -176,11 +176,7 @@ def format_result(r: LoadResult) -> str:
         f"  batches     mean {r.observed_mean_batch_faces or float('nan'):.1f} faces per engine batch",
     ]
     if r.shell_cpu:
-        c = r.shell_cpu
-        roles = ", ".join(f"{k} {v:.3f}" for k, v in sorted(c["cpu_ms_per_face_by_role"].items(),
-                                                           key=lambda kv: -kv[1]))
-        lines.append(f"  cpu         {c['cpu_ms_per_face']:.3f} ms per face ({roles}); {c['cores_busy']} "
-                     f"cores busy; {c['faces_per_cpu_s']:.0f} faces per CPU-second")
+        lines.append(f"  cpu         {cpu_summary(r.shell_cpu)}")
     if r.inprocess_fps:
         lines.append(
             f"  in-process  {r.inprocess_fps:.1f} faces/s at batch {r.inprocess_batch_size}; "

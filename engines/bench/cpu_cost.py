@@ -89,6 +89,14 @@ class CpuCost:
         }
 
 
+def cpu_summary(fields: dict[str, Any]) -> str:
+    """One line of ``CpuCost.per_face`` fields, the costliest role first (the reports' text)."""
+    roles = ", ".join(f"{k} {v:.3f}" for k, v in sorted(fields["cpu_ms_per_face_by_role"].items(),
+                                                       key=lambda kv: -kv[1]))
+    return (f"{fields['cpu_ms_per_face']:.3f} ms per face ({roles}); {fields['cores_busy']} cores busy; "
+            f"{fields['faces_per_cpu_s']:.0f} faces per CPU-second")
+
+
 class CpuSampler:
     """Samples the CPU times of this process's tree in a thread; ``with`` it around the measured
     span, or ``start()`` / ``stop()`` (which returns the ``CpuCost``). ``exclude_self``: this
