@@ -90,7 +90,10 @@ class CpuCost:
 
 
 def cpu_summary(fields: dict[str, Any]) -> str:
-    """One line of ``CpuCost.per_face`` fields, the costliest role first (the reports' text)."""
+    """One line of ``CpuCost.per_face`` fields, the costliest role first (the reports' text);
+    a run that embedded nothing (a resume that only backfills) has no per-face figures."""
+    if not fields.get("cpu_ms_per_face"):
+        return f"{fields['cpu_s']:.1f} CPU-seconds, no faces embedded"
     roles = ", ".join(f"{k} {v:.3f}" for k, v in sorted(fields["cpu_ms_per_face_by_role"].items(),
                                                        key=lambda kv: -kv[1]))
     return (f"{fields['cpu_ms_per_face']:.3f} ms per face ({roles}); {fields['cores_busy']} cores busy; "

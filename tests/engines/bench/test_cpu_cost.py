@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from engines.bench.cpu_cost import RAY_OTHER, RAY_SYSTEM, CpuCost, CpuSampler, role_of
+from engines.bench.cpu_cost import RAY_OTHER, RAY_SYSTEM, CpuCost, CpuSampler, cpu_summary, role_of
 
 BURN = (
     "import sys, time\n"
@@ -71,3 +71,9 @@ def test_per_face_figures():
     assert out["cpu_ms_per_face_by_role"] == {"proxy": 1.0, "replica": 3.0}
     assert out["cores_busy"] == 2.0 and out["faces_per_cpu_s"] == 250.0
     assert CpuCost(1.0).per_face(0)["cpu_ms_per_face"] is None
+
+
+def test_the_summary_line_of_a_run_that_embedded_nothing():
+    cost = CpuCost(wall_s=2.0, cpu_s_by_role={"driver": 1.5})
+    assert cpu_summary(cost.per_face(0)) == "1.5 CPU-seconds, no faces embedded"
+    assert cpu_summary(cost.per_face(100)).startswith("15.000 ms per face (driver 15.000)")

@@ -79,7 +79,7 @@ def test_evaluate_a_pairs_file_with_landmark_sidecars(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--faces", "/nonexistent"], "is not a directory"),
     (["--pairs", "/nonexistent.csv"], "pairs file"),
-    (["--faces", "."], "at least two identities"),
+    (["--faces", "."], "at least 2 identities"),
 ])
 def test_bad_input_exits_2_with_a_message(args, message):
     proc = _run(*args, "--model", "synthetic:mobilefacenet")
