@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -62,6 +63,14 @@ def ray_local():
 @pytest.fixture(scope="session")
 def mbf_model() -> ResolvedModel:
     return resolve_model("synthetic:mobilefacenet")
+
+
+@pytest.fixture(scope="session")
+def int8_cache(tmp_path_factory) -> Path:
+    """One cache for the suite's mixed-int8 graphs of ``mbf_model``: the sensitivity search is
+    the slowest conversion there is, and the engine tests (openvino) and the recipe tests
+    (models/test_int8.py) ask for the same graph; whichever runs first searches once."""
+    return tmp_path_factory.mktemp("int8-cache")
 
 
 @pytest.fixture(scope="session")

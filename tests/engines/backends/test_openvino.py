@@ -160,9 +160,9 @@ def test_explicit_reduced_precision_is_gated_too(mbf_model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_int8_dot(), reason="CPU has no int8 dot product")
-def test_mixed_int8_passes_the_gate_that_refuses_full_int8(mbf_model, tmp_path):
+def test_mixed_int8_passes_the_gate_that_refuses_full_int8(mbf_model, int8_cache):
     """The searched layers in fp32 (quantization.keep_fp32: auto), the rest int8: the gate serves it."""
-    cfg = _config(tmp_path)
+    cfg = _config(int8_cache)
     cfg = replace(cfg, quantization=replace(cfg.quantization, calibration_faces=16, search_faces=32))
     engine = get_engine("openvino", mbf_model, precision="int8", config=cfg)
     info = engine.info

@@ -34,8 +34,8 @@ def _props(path: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("int8-cache"))
+def cache(int8_cache) -> str:
+    return str(int8_cache)
 
 
 @pytest.fixture(scope="module")
