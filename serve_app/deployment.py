@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from ray import serve
 
 from engines import FACE_SIZE, load_config, load_engine, load_tom_hanks, search
 
 from . import tracing
 from .admission import Admission
+from .answers import embed_answer, json_response, requested_encoding
 from .batching import (
     BatchItem,
     BatchStats,
@@ -45,7 +46,6 @@ from .codec import (
     Limits,
     decode_json_body,
     decode_npy,
-    encode_npy,
     is_number,
     plan_embed_json,
     plan_face_spec,
@@ -258,11 +258,13 @@ class EmbeddingDeployment:
         """Embed faces: JSON ``{"images": [base64...], "landmarks"?, "aligned"?}`` or
         ``{"crops": [base64 of raw 112x112x3 BGR...]}``, or an ``application/x-npy`` body of
         ``(N, 112, 112, 3)`` uint8 BGR crops, or ``multipart/form-data`` image files (``multipart``).
-        Answers JSON, or ``.npy`` float32 ``(N, D)`` with ``Accept: application/x-npy``; timing
+        Answers JSON (``?encoding=json`` lists of numbers or ``base64`` float32), or ``.npy``
+        float32 ``(N, D)`` with ``Accept: application/x-npy`` (``answers``); timing
         headers either way (``timing``). Bodies and answers: ``schemas.ROUTES``."""
         timing = RequestTiming()
         self._check_auth(request.headers.get("authorization"))
         ctype = self._content_type(request, (_JSON, NPY_MEDIA_TYPE, MULTIPART))
+        encoding = requested_encoding(request.query_params)
         self.admission.check_open()
         body = await self._read_body(request)
         if ctype == NPY_MEDIA_TYPE:
@@ -274,12 +276,8 @@ class EmbeddingDeployment:
             plan = await self._json_plan(body, lambda p: plan_embed_json(p, self.limits))
             faces = await self._crops(plan, timing)
         embeddings, norms = await self.embed(faces, timing)
-        fields = self._response_fields()
-        if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
-            headers = {**{f"x-arcface-{k}": str(v) for k, v in fields.items()}, **timing.fields()}
-            return Response(encode_npy(embeddings), media_type=NPY_MEDIA_TYPE, headers=headers)
-        return JSONResponse({"embeddings": embeddings.tolist(), "norms": norms.tolist(), "encoding": "json",
-                             **fields}, headers=timing.fields())
+        return embed_answer(embeddings, norms, self._response_fields(), timing.fields(),
+                            request.headers.get("accept", ""), encoding)
 
     @api.post("/v1/compare")
     async def http_compare(self, request: Request) -> Response:
@@ -302,7 +300,7 @@ class EmbeddingDeployment:
                 f"embeddings must have {dim} values, got {a.shape[0]} and {b.shape[0]}",
             )
         cosine = float(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))
-        return JSONResponse(
+        return json_response(
             {"cosine": cosine, "same_person": cosine >= float(threshold), "threshold": float(threshold),
              **self._response_fields()}, headers=timing.fields()
         )
@@ -354,7 +352,7 @@ class EmbeddingDeployment:
         (top_k, threshold), jobs = await self._json_plan(body, self._plan_identify)
         embeddings, _ = await self.embed(await self._crops(jobs, timing), timing)
         found = search(gallery, embeddings, top_k, threshold)
-        return JSONResponse({"results": found.to_dicts(), "threshold": threshold,
+        return json_response({"results": found.to_dicts(), "threshold": threshold,
                              "gallery_version": gallery.version, "gallery_identities": len(gallery),
                              **self._response_fields()}, headers=timing.fields())
 
@@ -368,7 +366,7 @@ class EmbeddingDeployment:
         """Diagnostics: the engine (backend, model, precision, contract, fallback report),
         the batching settings in force and live batch statistics of this replica."""
         self._check_auth(request.headers.get("authorization"))
-        return JSONResponse(self.describe())
+        return json_response(self.describe())
 
     @api.get("/healthz")
     async def http_health(self, request: Request) -> dict[str, Any]:

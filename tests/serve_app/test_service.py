@@ -80,6 +80,28 @@ def test_npy_response_when_asked(main_url, engine, faces):
     assert out.shape == (5, 512) and out.dtype == np.float32
     assert resp.headers["x-arcface-contract"] == engine.info.contract
     assert _cos(out, engine.encode(faces[:5])).min() >= 0.99999
+    norms = np.frombuffer(base64.b64decode(resp.headers["x-arcface-norms"]), "<f4")
+    as_json = requests.post(main_url + "/v1/embed", data=encode_npy(faces[:5]),
+                            headers={"content-type": NPY_MEDIA_TYPE}, timeout=60).json()
+    np.testing.assert_allclose(norms, as_json["norms"], rtol=1e-5)
+
+
+def test_base64_answers_are_the_json_answers_float32_bytes(main_url, faces):
+    """``?encoding=base64``, for a .npy and for a JSON body: the same floats as the lists of
+    numbers of the default answer; an unknown encoding is refused before any work."""
+    npy = {"data": encode_npy(faces[:4]), "headers": {"content-type": NPY_MEDIA_TYPE}}
+    plain = requests.post(main_url + "/v1/embed", timeout=60, **npy).json()
+    for body in (npy, {"json": {"crops": [base64.b64encode(f.tobytes()).decode() for f in faces[:4]]}}):
+        packed = requests.post(main_url + "/v1/embed?encoding=base64", timeout=60, **body)
+        assert packed.status_code == 200, packed.text
+        answer = packed.json()
+        assert answer["encoding"] == "base64" and answer["contract"] == plain["contract"]
+        values = np.frombuffer(base64.b64decode(answer["embeddings"]), "<f4").reshape(4, answer["dim"])
+        np.testing.assert_allclose(values, np.asarray(plain["embeddings"], np.float32), atol=1e-6)
+        np.testing.assert_allclose(answer["norms"], plain["norms"], rtol=1e-5)
+    wrong = requests.post(main_url + "/v1/embed?encoding=msgpack", timeout=60, **npy)
+    assert wrong.status_code == 422 and wrong.json()["error"]["reason"] == "bad_request"
+    assert "unknown encoding 'msgpack'" in wrong.json()["error"]["message"]
 
 
 def test_json_images_with_and_without_landmarks(main_url, engine):

@@ -1,0 +1,102 @@
+"""Without Ray: the answers of /v1/embed in each encoding read back to the same float32, the
+client reads each (and an older service's), and a wrong encoding or a cut answer is an error."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+
+from serve_app.answers import embed_answer, float32_base64, json_bytes, requested_encoding
+from serve_app.client import ServiceError, _Protocol
+from serve_app.codec import NPY_MEDIA_TYPE
+from serve_app.errors import RequestError
+
+FIELDS = {"dim": 512, "model": "m", "backend": "onnx", "precision": "fp32", "contract": "arcemb-v1-x",
+          "synthetic": True}
+
+
+@pytest.fixture(scope="module")
+def vectors() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((9, 512)).astype(np.float32)
+    norms = np.linalg.norm(emb, axis=1).astype(np.float32)
+    return emb / norms[:, None], norms
+
+
+def _headers(resp) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in resp.raw_headers}
+
+
+@pytest.mark.parametrize("accept, encoding", [("application/json", "json"), ("*/*", "base64"),
+                                              (NPY_MEDIA_TYPE, "json")])
+def test_every_encoding_reads_back_to_the_same_float32(vectors, accept, encoding):
+    emb, norms = vectors
+    resp = embed_answer(emb, norms, FIELDS, {"x-total-time": "1.0"}, accept, encoding)
+    headers = _headers(resp)
+    assert headers["x-total-time"] == "1.0"
+    result = _Protocol("http://x")._result(headers, resp.body)
+    assert result.embeddings.dtype == np.float32 and result.norms.dtype == np.float32
+    np.testing.assert_array_equal(result.embeddings, emb)  # exact: no float lost on the way
+    np.testing.assert_array_equal(result.norms, norms)
+    assert result.contract == FIELDS["contract"]
+    if accept == NPY_MEDIA_TYPE:
+        assert headers["content-type"] == NPY_MEDIA_TYPE
+        np.testing.assert_array_equal(np.load(io.BytesIO(resp.body)), emb)
+    else:
+        body = json.loads(resp.body)
+        assert body["encoding"] == encoding and body["dim"] == 512
+        assert isinstance(body["embeddings"], str if encoding == "base64" else list)
+
+
+def test_base64_is_little_endian_float32_c_order(vectors):
+    emb, _ = vectors
+    text = float32_base64(emb[:, ::2])  # a strided view: C order is made, not assumed
+    back = np.frombuffer(base64.b64decode(text), "<f4").reshape(9, 256)
+    np.testing.assert_array_equal(back, emb[:, ::2])
+
+
+def test_json_writes_numpy_arrays_scalars_and_nan_as_json():
+    out = json.loads(json_bytes({"a": np.arange(3, dtype=np.int64), "b": np.float16(0.5),
+                                 "c": np.float32(np.nan), 1: np.eye(2, dtype=np.float32)[:, :1]}))
+    assert out == {"a": [0, 1, 2], "b": 0.5, "c": None, "1": [[1.0], [0.0]]}
+
+
+def test_an_unknown_encoding_is_a_422_naming_the_choices():
+    assert requested_encoding({}) == "json" and requested_encoding({"encoding": "base64"}) == "base64"
+    with pytest.raises(RequestError) as info:
+        requested_encoding({"encoding": "msgpack"})
+    assert info.value.status == 422 and "'msgpack'" in info.value.message
+    assert "json, base64" in info.value.message and NPY_MEDIA_TYPE in info.value.message
+
+
+def test_the_client_reads_an_older_services_answers(vectors):
+    emb, norms = vectors
+    old_json = json.dumps({"embeddings": emb.tolist(), "norms": norms.tolist(), **FIELDS}).encode()
+    result = _Protocol("http://x")._result({"content-type": "application/json"}, old_json)
+    np.testing.assert_array_equal(result.embeddings, emb)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    old_npy = _Protocol("http://x")._result({"content-type": NPY_MEDIA_TYPE, "x-arcface-contract": "c"},
+                                            buf.getvalue())
+    assert old_npy.norms is None and old_npy.embeddings.shape == (9, 512)
+
+
+def test_a_cut_base64_answer_is_an_error_not_fewer_faces(vectors):
+    emb, norms = vectors
+    body = json.loads(embed_answer(emb, norms, FIELDS, {}, "", "base64").body)
+    body["embeddings"] = float32_base64(emb[:8])
+    with pytest.raises(ServiceError, match=r"embeddings: 16384 bytes, expected 4608 float32"):
+        _Protocol("http://x")._result({}, json.dumps(body).encode())
+
+
+def test_the_client_asks_for_base64_by_default_and_as_told():
+    assert _Protocol("http://x").embed_path == "/v1/embed?encoding=base64"
+    assert _Protocol("http://x", accept="json").embed_path == "/v1/embed"
+    npy = _Protocol("http://x", accept="npy")
+    assert npy.embed_path == "/v1/embed" and npy._answer_headers()["accept"] == NPY_MEDIA_TYPE
+    with pytest.raises(ValueError, match="accept base64, json or npy"):
+        _Protocol("http://x", accept="xml")
