@@ -100,3 +100,19 @@ def test_the_client_asks_for_base64_by_default_and_as_told():
     assert npy.embed_path == "/v1/embed" and npy._answer_headers()["accept"] == NPY_MEDIA_TYPE
     with pytest.raises(ValueError, match="accept base64, json or npy"):
         _Protocol("http://x", accept="xml")
+
+
+def test_bench_answers_prints_every_encoding_side_by_side(capsys):
+    from engines import cli
+
+    assert cli.main(["bench-answers", "--faces", "1,3", "--min-seconds", "0.001", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["faces"]) == {"1", "3"} and out["cpu"]
+    for encodings in out["faces"].values():
+        assert set(encodings) == {"stdlib_json", "json", "base64", "npy"}
+        assert encodings["stdlib_json"]["write_vs_stdlib"] == 1.0
+        assert all(e["write_ms"] > 0 and e["read_ms"] > 0 and e["bytes"] > 0 for e in encodings.values())
+    with pytest.raises(SystemExit) as info:  # argparse: a usage error, exit 2
+        cli.main(["bench-answers", "--faces", "0"])
+    assert info.value.code == 2
+    assert "expected positive face counts" in capsys.readouterr().err
