@@ -68,6 +68,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         result = run_load_benchmark(
             url, args.concurrency, args.faces_per_request, args.duration,
             warmup_s=args.warmup, token=token, inprocess_s=None if args.inprocess else 0,
+            body=args.body, accept=args.accept,
         )
     if args.json:
         emit_json(result.to_dict())
@@ -127,6 +128,10 @@ def _bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load first")
     p.add_argument("--no-inprocess", dest="inprocess", action="store_false",
                    help="skip the in-process engine measurement")
+    p.add_argument("--body", choices=("npy", "json"), default="npy",
+                   help="request body: the .npy of the crops (default) or JSON base64 crops")
+    p.add_argument("--accept", choices=("npy", "base64", "json"), default="npy",
+                   help="answer: .npy (default), JSON with base64 float32, or JSON lists of numbers")
 
 
 def _factors(text: str) -> list[float]:

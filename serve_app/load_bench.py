@@ -31,6 +31,8 @@ class LoadResult:
     faces_per_request: int
     duration_s: float
     requests: int
+    body: str = "npy"  # request body: npy (the .npy of the crops) or json (base64 crops)
+    accept: str = "npy"  # answer: npy, base64 (JSON, float32 bytes) or json (lists of numbers)
     faces: int
     errors: dict[str, int] = field(default_factory=dict)
     throughput_fps: float = 0.0
@@ -60,15 +62,17 @@ def _batches(faces_per_request: int, count: int = 16) -> list[np.ndarray]:
 
 
 async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: float,
-                warmup_s: float, token: str | None) -> tuple[LoadResult, dict, dict]:
-    """Load through ``client.AsyncEmbeddingClient`` (``.npy`` both ways, no retries: a refusal
-    is counted, by status, as the service's answer)."""
+                warmup_s: float, token: str | None, body: str = "npy",
+                accept: str = "npy") -> tuple[LoadResult, dict, dict]:
+    """Load through ``client.AsyncEmbeddingClient`` (``body`` and ``accept`` as its
+    ``transport`` and ``accept``; no retries: a refusal is counted, by status, as the
+    service's answer)."""
     batches = _batches(faces_per_request)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     done_faces = 0
-    client = AsyncEmbeddingClient(url, token=token, accept="npy", retry=RetryPolicy(retries=0),
-                                  connections=concurrency, timeout_s=120)
+    client = AsyncEmbeddingClient(url, token=token, transport=body, accept=accept,
+                                  retry=RetryPolicy(retries=0), connections=concurrency, timeout_s=120)
     async with client:
 
         async def worker(i: int, until: float, record: bool) -> None:
@@ -110,6 +114,8 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
         concurrency=concurrency,
         faces_per_request=faces_per_request,
         duration_s=elapsed,
+        body=body,
+        accept=accept,
         requests=len(latencies),
         faces=done_faces,
         errors=errors,
@@ -146,9 +152,10 @@ def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) 
 
 def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, duration_s: float,
                        warmup_s: float = 3.0, token: str | None = None,
-                       inprocess_s: float | None = None) -> LoadResult:
+                       inprocess_s: float | None = None, body: str = "npy",
+                       accept: str = "npy") -> LoadResult:
     result, before, after = asyncio.run(
-        _load(url, concurrency, faces_per_request, duration_s, warmup_s, token)
+        _load(url, concurrency, faces_per_request, duration_s, warmup_s, token, body, accept)
     )
     b0, b1 = before.get("batch_stats", {}), after.get("batch_stats", {})
     batches = b1.get("batches", 0) - b0.get("batches", 0)
@@ -167,7 +174,8 @@ def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, durat
 
 def format_result(r: LoadResult) -> str:
     lines = [
-        f"{r.url}: {r.concurrency} clients x {r.faces_per_request} faces/request, {r.duration_s:.1f} s",
+        f"{r.url}: {r.concurrency} clients x {r.faces_per_request} faces/request, {r.duration_s:.1f} s "
+        f"({r.body} body, {r.accept} answer)",
         f"  engine      {r.engine.get('backend')} / {r.engine.get('precision')} / {r.engine.get('model_id')}",
         f"  throughput  {r.throughput_fps:.1f} faces/s ({r.requests_per_s:.1f} requests/s), "
         f"errors {r.errors}",
