@@ -25,19 +25,15 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
     spec = JobSpec(input=sample.directory, output=str(out),
                    embedding_config=cfg.source if cfg.source != "<defaults>" else None,
                    model=cfg.embedding.model, settings=load_job_settings())
-    try:
-        report = run_job(spec)
-        print(format_report(report))
-        rows = read_committed(str(out))
-        print(f"output rows {rows.num_rows}, columns {rows.column_names}")
-        again = run_job(spec)
-        print(f"re-run: {again.episodes_skipped} episodes already committed, "
-              f"{again.rows_processed} rows processed (resume skips finished work)")
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    # the Ray of an earlier step if there is one (else the job starts it); left running for the
+    # later steps, shut down when the demo exits
+    report = run_job(spec)
+    print(format_report(report))
+    rows = read_committed(str(out))
+    print(f"output rows {rows.num_rows}, columns {rows.column_names}")
+    again = run_job(spec)
+    print(f"re-run: {again.episodes_skipped} episodes already committed, "
+          f"{again.rows_processed} rows processed (resume skips finished work)")
     ok = rows.num_rows == sample.decodable and report.failures == sample.corrupt and again.rows_processed == 0
     return {"name": "offline", "ok": ok, "report": report.to_dict(), "output": str(out)}
 

@@ -24,16 +24,11 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
                                     jitter=SAMPLE_JITTER, mirror=False)
     out = workdir / "identity-out"
     config = cfg.source if cfg.source != "<defaults>" else None
-    try:
-        run_job(JobSpec(input=episodes.directory, output=str(out), embedding_config=config,
-                        model=cfg.embedding.model, settings=load_job_settings()))
-        report = run_assign(AssignSpec(str(out), sample.uri, threshold=sample.threshold,
-                                       cluster_distance=1 - sample.threshold, fps=25.0, config=config))
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    # the demo's one local Ray (see data_jobs/demo.py), shut down when the demo exits
+    run_job(JobSpec(input=episodes.directory, output=str(out), embedding_config=config,
+                    model=cfg.embedding.model, settings=load_job_settings()))
+    report = run_assign(AssignSpec(str(out), sample.uri, threshold=sample.threshold,
+                                   cluster_distance=1 - sample.threshold, fps=25.0, config=config))
     print(f"assign-tracks: {report['tracks']} tracks of {report['episodes']} episodes, {report['matched']} "
           f"matched to the gallery at cosine >= {sample.threshold:.3f} ({sample.stranger} is not enrolled: "
           "an unknown cluster)")

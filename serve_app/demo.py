@@ -75,7 +75,7 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
         result.update(ok=bool(worst >= 0.99999), min_cosine_vs_engine=worst,
                       backend=info["backend"], contract=contract)
     finally:
-        launch.stop()
+        launch.stop(shutdown_ray=False)  # the demo's later steps reuse this Ray (shut down at exit)
         print("service stopped", flush=True)
     return result
 

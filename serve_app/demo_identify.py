@@ -42,7 +42,7 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
         resp.raise_for_status()
         results = resp.json()["results"]
     finally:
-        launch.stop()
+        launch.stop(shutdown_ray=False)  # the demo's later steps reuse this Ray (shut down at exit)
     expected = [f.name if f.name in sample.enrolled else "unknown" for f in faces]
     print(f"POST /v1/identify: {len(probes)} held-out jittered faces")
     print(f"{'face':<12} {'answer':<12} {'cosine':>7}  runner-up")

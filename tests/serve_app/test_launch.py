@@ -139,8 +139,8 @@ def test_bench_overload_measures_503s_latency_and_recovery():
     env = {**os.environ, "ARCFACE_MODEL": "synthetic:mobilefacenet", "ARCFACE_BACKEND": "onnx"}
     proc = subprocess.run(
         [sys.executable, "-m", "engines", "bench-overload", "--start", "--replicas", "1",
-         "--http-port", str(free_port()), "--factors", "2,4", "--duration", "2", "--repeat", "2",
-         "--calibrate", "2", "--capacity-clients", "8", "--recovery-timeout", "30", "--json"],
+         "--http-port", str(free_port()), "--factors", "2,4", "--duration", "1", "--repeat", "2",
+         "--calibrate", "1", "--capacity-clients", "8", "--recovery-timeout", "30", "--json"],
         capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
