@@ -60,12 +60,16 @@ def test_sync_client_splits_large_arrays_and_matches_the_engine(url, engine, fac
     assert _cos(embeddings, engine.encode(crops)).min() >= 0.99999
 
 
-@pytest.mark.parametrize(("transport", "accept"), [("json", "json"), ("npy", "npy"), ("json", "npy")])
+@pytest.mark.parametrize(("transport", "accept"), [("json", "json"), ("npy", "npy"), ("json", "npy"),
+                                                   ("npy", "base64"), ("json", "base64")])
 def test_transports_and_answer_encodings(url, engine, faces, transport, accept):
+    """Every body and answer encoding: the engine's embeddings, and the norms with each answer
+    (the .npy answer's in a header)."""
     with EmbeddingClient(url, transport=transport, accept=accept) as client:
         result = client.embed(faces[:6])
     assert _cos(result.embeddings, engine.encode(faces[:6])).min() >= 0.99999
-    assert (result.norms is None) == (accept == "npy")
+    _, norms = engine.encode_with_norms(faces[:6])
+    np.testing.assert_allclose(result.norms, norms, rtol=1e-4)
 
 
 def test_images_with_landmarks_as_json_and_multipart(url, engine):
