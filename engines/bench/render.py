@@ -169,22 +169,26 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def update_readme(readme: str | Path, report: dict[str, Any], report_dir: str | Path) -> None:
-    """Replace the README section between the bench-report markers with this report."""
+def replace_readme_section(readme: str | Path, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the ``begin`` and ``end`` marker lines of ``readme`` with
+    ``body`` (the markers stay): how measured tables get into the README, never by hand."""
     readme = Path(readme)
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} section to update")
-    rel = os.path.relpath(Path(report_dir), readme.parent)
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme}: no {begin} ... {end} section to update")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + begin + "\n" + body.strip("\n") + "\n" + end + tail)
+
+
+def update_readme(readme: str | Path, report: dict[str, Any], report_dir: str | Path) -> None:
+    """Replace the README section between the bench-report markers with this report."""
+    rel = os.path.relpath(Path(report_dir), Path(readme).parent)
     body = "\n".join([
-        README_BEGIN,
         summary_markdown(report),
         "",
         f"![throughput against batch size]({rel}/report.png)",
         "",
         f"Full tables: [{rel}/report.md]({rel}/report.md); raw figures: `{rel}/report.json`.",
-        README_END,
     ])
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(head + body + tail)
+    replace_readme_section(readme, README_BEGIN, README_END, body)

@@ -1,0 +1,204 @@
+"""How many CPU cores keep a GPU fed: the shells' own CPU cost per face, measured with the
+zero-cost ``synthetic:probe`` model on each path, and the README's capacity table from it.
+
+Each path runs as its own command, one after the other (never concurrently: they would share
+the cores they measure), and reports the CPU seconds the service's or the job's processes
+spent per face (``shell_cpu``: psutil over the processes the run started, the load generator
+excluded; engines/bench/cpu_cost.py):
+
+- ``http-npy``, ``http-json``, ``http-base64``: ``arcface bench-serve --start`` with the
+  ``.npy`` body and answer, a plain JSON caller (base64 crops in, lists of numbers out), and
+  JSON crops in with base64 float32 out;
+- ``grpc``: ``arcface bench-serve --start --transport grpc`` (raw crops, packed answer);
+- ``job``: ``arcface embed-episodes`` over ``arcface sample-episodes`` (8 x 8 x 100 = 6,400
+  faces by default).
+
+With the probe the engine costs next to nothing, so the CPU per face is the shell's, and
+``faces_per_cpu_s`` is what one core of shell sustains; a GPU embedding ``G`` faces/s needs
+``G / faces_per_cpu_s`` cores of it. ``--readme`` writes that table between the
+``<!-- shell-capacity:begin -->`` / ``end`` markers, with the command and the CPU.
+
+    python scripts/shell_capacity.py --out out/shell-capacity --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from engines import cpu_model_name
+from engines.bench.render import replace_readme_section
+
+logger = logging.getLogger("shell_capacity")
+
+BEGIN, END = "<!-- shell-capacity:begin -->", "<!-- shell-capacity:end -->"
+PATHS = ("http-npy", "http-json", "http-base64", "grpc", "job")
+_SERVE_ENCODINGS = {"http-npy": ("npy", "npy"), "http-json": ("json", "json"),
+                    "http-base64": ("json", "base64")}  # bench-serve --body, --accept
+_TITLES = {
+    "http-npy": "HTTP, `.npy` body and answer",
+    "http-json": "HTTP, JSON (base64 crops, lists of numbers)",
+    "http-base64": "HTTP, JSON (base64 crops, base64 float32 answer)",
+    "grpc": "gRPC `EmbedBatch` (raw crops, packed answer)",
+    "job": "offline job (`embed-episodes`)",
+}
+
+
+def _arcface(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engines", *args]
+
+
+def _run_json(cmd: list[str], env: dict[str, str], timeout_s: float) -> dict[str, Any]:
+    logger.info("running %s", " ".join(cmd[2:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:])} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def serve_command(path: str, args: argparse.Namespace) -> list[str]:
+    cmd = _arcface("bench-serve", "--start", "--concurrency", str(args.concurrency),
+                   "--faces-per-request", str(args.faces_per_request), "--duration", str(args.duration),
+                   "--warmup", str(args.warmup), "--json")
+    if path == "grpc":
+        return [*cmd, "--transport", "grpc"]
+    body, accept = _SERVE_ENCODINGS[path]
+    return [*cmd, "--body", body, "--accept", accept]
+
+
+def measure_job(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
+    episodes = workdir / "episodes"
+    _run_json(_arcface("sample-episodes", "--out", str(episodes), "--episodes", str(args.episodes),
+                       "--tracks", str(args.tracks), "--frames", str(args.frames), "--json"), env, 600)
+    report = _run_json(_arcface("embed-episodes", "--input", str(episodes), "--output", str(workdir / "out"),
+                                "--model", args.model, "--backend", args.backend, "--compare-inprocess",
+                                "--json"), env, 1800)
+    return {"faces": report["faces_embedded"], "faces_per_s": report["faces_per_s"],
+            "ratio_to_inprocess": report.get("ratio_to_inprocess"), "shell_cpu": report["shell_cpu"]}
+
+
+def measure(path: str, args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
+    if path == "job":
+        return measure_job(args, env, workdir)
+    out = _run_json(serve_command(path, args), env, 900)
+    return {"faces": out["faces"], "faces_per_s": out["throughput_fps"],
+            "ratio_to_inprocess": out.get("ratio_to_inprocess"), "shell_cpu": out["shell_cpu"],
+            "faces_per_request": out["faces_per_request"], "concurrency": out["concurrency"]}
+
+
+def capacity(results: dict[str, dict[str, Any]], gpu_fps: list[float]) -> dict[str, dict[str, Any]]:
+    """Per path: faces one core of shell sustains, and the cores a GPU of each rate needs."""
+    table = {}
+    for path, r in results.items():
+        per_core = (r.get("shell_cpu") or {}).get("faces_per_cpu_s")
+        table[path] = {"faces_per_cpu_s": per_core,
+                       "cores_per_gpu": {str(int(g)): (g / per_core if per_core else None) for g in gpu_fps}}
+    return table
+
+
+def _top_roles(shell: dict[str, Any], n: int = 3) -> str:
+    roles = sorted(shell.get("cpu_ms_per_face_by_role", {}).items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{k} {v:.2f}" for k, v in roles)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The README section: the table, then how it was made."""
+    gpus = [str(int(g)) for g in report["gpu_fps"]]
+    head = ("| path | faces/s here | shell CPU ms per face (largest roles) | faces per core of shell | "
+            + " | ".join(f"cores per GPU at {int(g):,} faces/s" for g in report["gpu_fps"]) + " |")
+    rows = [head, "|" + "---|" * (4 + len(gpus))]
+    for path, r in report["results"].items():
+        cap = report["capacity"][path]
+        shell = r["shell_cpu"] or {}
+        cores = " | ".join("-" if cap["cores_per_gpu"][g] is None else f"{cap['cores_per_gpu'][g]:.1f}"
+                           for g in gpus)
+        rows.append(f"| {_TITLES.get(path, path)} | {r['faces_per_s']:.0f} | "
+                    f"{shell.get('cpu_ms_per_face', 0):.3f} ({_top_roles(shell)}) | "
+                    f"{cap['faces_per_cpu_s'] or 0:.0f} | {cores} |")
+    s = report["settings"]
+    rows += ["", f"Measured {report['date']} on {report['cpu']} ({report['cpus']} cores) with "
+             f"`{report['command']}`: model `{s['model']}` on `{s['backend']}` (a zero-cost engine: the "
+             f"CPU is the shells'), {s['concurrency']} clients x {s['faces_per_request']} faces per "
+             f"request for {s['duration']} s per service path, {s['episodes']} x {s['tracks']} x "
+             f"{s['frames']} faces for the job. Cores per GPU = the GPU's faces/s / faces per core of "
+             f"shell; raw figures in `{report['out']}/report.json`."]
+    return "\n".join(rows)
+
+
+def _gpu_rates(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected faces/s like 10000,30000, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive faces/s like 10000,30000, got {text!r}")
+    return values
+
+
+def _paths(text: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(PATHS))
+    if not chosen or unknown:
+        raise argparse.ArgumentTypeError(f"paths are {', '.join(PATHS)}; got {text!r}")
+    return chosen
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--paths", type=_paths, default=list(PATHS),
+                   help=f"comma-separated, of {', '.join(PATHS)}")
+    p.add_argument("--model", default="synthetic:probe")
+    p.add_argument("--backend", default="onnx")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--faces-per-request", type=int, default=8)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load per service path")
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--episodes", type=int, default=8)
+    p.add_argument("--tracks", type=int, default=8)
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--gpu-fps", type=_gpu_rates, default=[10000.0, 30000.0],
+                   help="GPU rates (faces/s) to size the shell for (default 10000,30000)")
+    p.add_argument("--out", default="out/shell-capacity", help="where report.json goes")
+    p.add_argument("--readme", help="write the table into this README's shell-capacity section")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    env = {**os.environ, "ARCFACE_MODEL": args.model, "ARCFACE_BACKEND": args.backend, "RAY_ADDRESS": ""}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="shell-capacity-") as tmp:
+        for path in args.paths:
+            results[path] = measure(path, args, env, Path(tmp) / path)
+            logger.info("%s: %.0f faces/s, shell %s", path, results[path]["faces_per_s"],
+                        results[path]["shell_cpu"])
+    command = "python scripts/shell_capacity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {
+        "cpu": cpu_model_name(), "cpus": os.cpu_count(), "date": datetime.date.today().isoformat(),
+        "command": command.strip(), "out": str(out), "gpu_fps": args.gpu_fps,
+        "settings": {k: getattr(args, k) for k in ("model", "backend", "concurrency", "faces_per_request",
+                                                    "duration", "episodes", "tracks", "frames")},
+        "results": results, "capacity": capacity(results, args.gpu_fps),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+    if args.readme:
+        replace_readme_section(args.readme, BEGIN, END, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

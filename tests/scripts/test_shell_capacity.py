@@ -1,0 +1,84 @@
+"""``scripts/shell_capacity.py`` without running the services: which command each path runs,
+the cores-per-GPU arithmetic, the README section it writes, and bad arguments. (The commands
+it drives are tested where they live: bench-serve in tests/serve_app/test_launch.py, the job
+in tests/data_jobs.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("shell_capacity", ROOT / "scripts" / "shell_capacity.py")
+shell_capacity = importlib.util.module_from_spec(_spec)
+sys.modules["shell_capacity"] = shell_capacity
+_spec.loader.exec_module(shell_capacity)
+
+
+def _result(faces_per_cpu_s: float | None) -> dict:
+    shell = None if faces_per_cpu_s is None else {
+        "cpu_ms_per_face": 1000 / faces_per_cpu_s, "faces_per_cpu_s": faces_per_cpu_s,
+        "cpu_ms_per_face_by_role": {"replica": 0.5, "proxy": 0.3, "ray_system": 0.1,
+                                    "serve_controller": 0.01}}
+    return {"faces": 1000, "faces_per_s": 500.0, "ratio_to_inprocess": 0.5, "shell_cpu": shell}
+
+
+def test_each_service_path_runs_bench_serve_with_its_encodings():
+    args = shell_capacity.parse_args(["--duration", "2", "--concurrency", "4"])
+    npy = shell_capacity.serve_command("http-npy", args)
+    assert npy[2:4] == ["engines", "bench-serve"] and "--start" in npy and npy[-4:] == [
+        "--body", "npy", "--accept", "npy"]
+    assert shell_capacity.serve_command("http-json", args)[-4:] == ["--body", "json", "--accept", "json"]
+    assert shell_capacity.serve_command("http-base64", args)[-4:] == ["--body", "json", "--accept", "base64"]
+    assert shell_capacity.serve_command("grpc", args)[-2:] == ["--transport", "grpc"]
+    assert float(npy[npy.index("--duration") + 1]) == 2 and npy[npy.index("--concurrency") + 1] == "4"
+
+
+def test_cores_per_gpu_is_the_gpus_rate_over_one_cores_faces():
+    table = shell_capacity.capacity({"http-npy": _result(2500.0), "grpc": _result(None)}, [10000.0, 30000.0])
+    assert table["http-npy"] == {"faces_per_cpu_s": 2500.0, "cores_per_gpu": {"10000": 4.0, "30000": 12.0}}
+    assert table["grpc"]["cores_per_gpu"] == {"10000": None, "30000": None}  # nothing measured: no claim
+
+
+def test_the_readme_section_is_replaced_between_its_markers(tmp_path):
+    results = {"http-npy": _result(2500.0), "job": _result(1000.0)}
+    settings = {"model": "synthetic:probe", "backend": "onnx", "concurrency": 16, "faces_per_request": 8,
+                "duration": 10.0, "episodes": 8, "tracks": 8, "frames": 100}
+    capacity = shell_capacity.capacity(results, [10000.0])
+    report = {"gpu_fps": [10000.0], "results": results, "capacity": capacity,
+              "cpu": "Some CPU", "cpus": 2, "date": "2026-12-02", "out": "out/shell-capacity",
+              "command": "python scripts/shell_capacity.py", "settings": settings}
+    text = shell_capacity.markdown(report)
+    row = ("| HTTP, `.npy` body and answer | 500 | 0.400 (replica 0.50, proxy 0.30, ray_system 0.10) | "
+           "2500 | 4.0 |")
+    assert row in text
+    assert "| offline job (`embed-episodes`) | 500 | 1.000" in text and "10.0 |" in text
+    assert "Some CPU (2 cores)" in text and "`python scripts/shell_capacity.py`" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{shell_capacity.BEGIN}\nold\n{shell_capacity.END}\nafter\n")
+    from engines.bench.render import replace_readme_section
+
+    replace_readme_section(readme, shell_capacity.BEGIN, shell_capacity.END, text)
+    written = readme.read_text()
+    assert "old" not in written and written.startswith("# x\n\nbefore\n") and written.endswith("\nafter\n")
+    assert written.count(shell_capacity.BEGIN) == 1 and text in written
+    with pytest.raises(ValueError, match="no <!-- shell-capacity:begin -->"):
+        replace_readme_section(_empty(tmp_path), shell_capacity.BEGIN, shell_capacity.END, text)
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "OTHER.md"
+    path.write_text("# no markers\n")
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [(["--paths", "http-npy,ftp"], "paths are"),
+                                           (["--gpu-fps", "0"], "positive faces/s"),
+                                           (["--gpu-fps", "fast"], "expected faces/s")])
+def test_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        shell_capacity.parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
