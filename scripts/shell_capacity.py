@@ -75,12 +75,15 @@ def serve_command(path: str, args: argparse.Namespace) -> list[str]:
 
 
 def measure_job(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
-    episodes = workdir / "episodes"
-    _run_json(_arcface("sample-episodes", "--out", str(episodes), "--episodes", str(args.episodes),
-                       "--tracks", str(args.tracks), "--frames", str(args.frames), "--json"), env, 600)
-    report = _run_json(_arcface("embed-episodes", "--input", str(episodes), "--output", str(workdir / "out"),
-                                "--model", args.model, "--backend", args.backend, "--compare-inprocess",
-                                "--json"), env, 1800)
+    sample = _run_json(_arcface(
+        "sample-episodes", "--out", str(workdir / "sample"), "--episodes", str(args.episodes),
+        "--tracks", str(args.tracks), "--frames", str(args.frames), "--json"), env, 600)
+    report = _run_json(_arcface(
+        "embed-episodes", "--input", sample["directory"], "--output", str(workdir / "out"),
+        "--model", args.model, "--backend", args.backend, "--compare-inprocess", "--json"), env, 1800)
+    if report["failures"] or report["faces_embedded"] != sample["decodable"]:
+        raise RuntimeError(f"the job embedded {report['faces_embedded']} of {sample['decodable']} faces "
+                           f"({report['failures']} failures): not a measurement of the shell")
     return {"faces": report["faces_embedded"], "faces_per_s": report["faces_per_s"],
             "ratio_to_inprocess": report.get("ratio_to_inprocess"), "shell_cpu": report["shell_cpu"]}
 

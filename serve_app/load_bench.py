@@ -31,9 +31,9 @@ class LoadResult:
     faces_per_request: int
     duration_s: float
     requests: int
+    faces: int
     body: str = "npy"  # request body: npy (the .npy of the crops) or json (base64 crops)
     accept: str = "npy"  # answer: npy, base64 (JSON, float32 bytes) or json (lists of numbers)
-    faces: int
     errors: dict[str, int] = field(default_factory=dict)
     throughput_fps: float = 0.0
     requests_per_s: float = 0.0
