@@ -31,6 +31,7 @@ from engines import FACE_SIZE, LANDMARK_NAMES, ImageRejected, check_image_header
 from engines import check_landmarks as engine_check_landmarks
 
 from .errors import RequestError
+from .protos import embedding_pb2 as pb
 
 RAW_CROP_BYTES = FACE_SIZE * FACE_SIZE * 3
 NPY_MEDIA_TYPE = "application/x-npy"
@@ -444,6 +445,15 @@ def plan_grpc_faces(faces: list, crops: bytes, limits: Limits) -> list[FaceJob] 
         kps = parse_landmarks(list(face.landmarks), f"{where}.landmarks") if face.landmarks else None
         jobs.append(image_job(face.image, kps, where, limits))
     return check_request_pixels(jobs, limits)
+
+
+def check_grpc_encoding(encoding: int) -> None:
+    """The answer encoding of an ``Embed``/``EmbedBatch`` request must be one this service writes.
+    proto3 enums are open: a newer client's value arrives as a bare number, and answering it
+    in another encoding than asked would be misread, so it is refused."""
+    if encoding not in pb.Encoding.values():
+        known = ", ".join(f"{name} ({value})" for name, value in pb.Encoding.items())
+        raise RequestError(400, "bad_request", f"'encoding' must be one of {known}, got {encoding}")
 
 
 def decode_grpc_faces(faces: list, crops: bytes, limits: Limits) -> np.ndarray:

@@ -111,13 +111,20 @@ def test_a_contract_other_than_the_expected_one_is_refused(url, serve_endpoints,
         grpc_client.embed(faces[:1])
 
 
-def test_grpc_client(url, serve_endpoints, engine, faces):
-    with GrpcEmbeddingClient(serve_endpoints.grpc, application="cli", max_faces_per_request=4) as client:
-        embeddings, norms, contract = client.embed(faces[:9])
+@pytest.mark.parametrize("encoding", ["packed", "repeated"])
+def test_grpc_client(url, serve_endpoints, engine, faces, encoding):
+    with GrpcEmbeddingClient(serve_endpoints.grpc, application="cli", max_faces_per_request=4,
+                             encoding=encoding) as client:
+        embeddings, norms, contract = client.embed(faces[:9])  # 4 + 4 + 1 faces
         assert set(client.last_timing) >= {"x-queue-time", "x-compute-time", "x-batch-faces"}
+        single = client.embed(faces[:1])
         one = client.embed_image(cv2.imencode(".png", faces[0])[1].tobytes())
-    assert contract == engine.info.contract and norms.shape == (9,)
+    assert contract == engine.info.contract
+    assert embeddings.shape == (9, 512) and norms.shape == (9,) and (norms > 0).all()
+    assert single.embeddings.shape == (1, 512) and single.norms.shape == (1,)
+    assert one.embeddings.shape == (1, 512) and one.norms.shape == (1,)
     assert _cos(embeddings, engine.encode(faces[:9])).min() >= 0.99999
+    assert _cos(single.embeddings, engine.encode(faces[:1])).min() >= 0.99999
     assert _cos(one.embeddings, engine.encode(faces[:1])).min() >= 0.99999
 
 
