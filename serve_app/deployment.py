@@ -47,6 +47,7 @@ from .codec import (
     decode_json_body,
     decode_npy,
     encode_npy,
+    grpc_embed_response,
     is_number,
     plan_embed_json,
     plan_face_spec,
@@ -410,19 +411,7 @@ class EmbeddingDeployment:
 
     def _grpc_response(self, embeddings: np.ndarray, norms: np.ndarray,
                        encoding: int = pb.REPEATED) -> pb.EmbedResponse:
-        """The answer in the ``encoding`` the caller asked for, and only that one: ``PACKED`` is
-        one ``tobytes()`` of the matrix and one packed float field (no message per face)."""
-        fields = self._response_fields()
-        reply = pb.EmbedResponse(dim=fields["dim"], model=fields["model"], backend=fields["backend"],
-                                 contract=fields["contract"], precision=fields["precision"],
-                                 encoding=encoding)
-        if encoding == pb.PACKED:
-            reply.embeddings_f32 = np.ascontiguousarray(embeddings, "<f4").tobytes()
-            reply.norms.extend(norms.tolist())
-        else:
-            reply.embeddings.extend(pb.Embedding(values=e, norm=n)
-                                    for e, n in zip(embeddings.tolist(), norms.tolist(), strict=True))
-        return reply
+        return grpc_embed_response(embeddings, norms, self._response_fields(), encoding)
 
     async def _grpc_embed(self, faces: list, crops: bytes, encoding: int, grpc_context) -> pb.EmbedResponse:
         """The embeddings, with the timing fields in the trailing metadata (as HTTP's headers)."""
