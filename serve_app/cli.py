@@ -9,9 +9,15 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from engines import Command, EngineError, emit_json, positive_int
+
+if TYPE_CHECKING:
+    from .launch import Endpoints
+    from .load_bench import GrpcLoad
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _service(args: argparse.Namespace):
+def _service(args: argparse.Namespace) -> Iterator[Endpoints]:
     """The service to load (``launch.Endpoints``): ``--url`` (and ``--grpc-target``), or a local
     service started from ``--config`` (``--start``, on 127.0.0.1) and stopped when the
     benchmark ends."""
@@ -66,7 +72,7 @@ def _service(args: argparse.Namespace):
 DEFAULT_GRPC_TARGET = "127.0.0.1:9000"
 
 
-def _grpc_load(args: argparse.Namespace, endpoints):
+def _grpc_load(args: argparse.Namespace, endpoints: Endpoints) -> GrpcLoad:
     """``--transport grpc``: the target (``--grpc-target``, else what ``--start`` started) and the
     application metadata (``--application``, else the one ``--start`` deployed)."""
     from .load_bench import GrpcLoad
