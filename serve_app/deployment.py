@@ -409,18 +409,16 @@ class EmbeddingDeployment:
         metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
         self._check_auth(metadata.get("authorization"))
 
-    def _grpc_response(self, embeddings: np.ndarray, norms: np.ndarray,
-                       encoding: int = pb.REPEATED) -> pb.EmbedResponse:
-        return grpc_embed_response(embeddings, norms, self._response_fields(), encoding)
-
     async def _grpc_embed(self, faces: list, crops: bytes, encoding: int, grpc_context) -> pb.EmbedResponse:
-        """The embeddings, with the timing fields in the trailing metadata (as HTTP's headers)."""
+        """The embeddings in the answer ``encoding`` asked for (``codec.grpc_embed_response``), with
+        the timing fields in the trailing metadata (as HTTP's headers)."""
         timing = RequestTiming()
         check_grpc_encoding(encoding)  # before any work: a caller that cannot read the answer
         self.admission.check_open()
         plan = plan_grpc_faces(faces, crops, self.limits)
         crops_array = plan if isinstance(plan, np.ndarray) else await self._crops(plan, timing)
-        reply = self._grpc_response(*(await self.embed(crops_array, timing)), encoding)
+        embeddings, norms = await self.embed(crops_array, timing)
+        reply = grpc_embed_response(embeddings, norms, self._response_fields(), encoding)
         if grpc_context is not None:
             grpc_context.set_trailing_metadata(timing.grpc_metadata())
         return reply
