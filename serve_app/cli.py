@@ -11,8 +11,13 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from engines import Command, emit_json, positive_int
+from engines import Command, EngineError, emit_json, positive_int
+
+if TYPE_CHECKING:
+    from .launch import Endpoints
+    from .load_bench import GrpcLoad
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +46,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _service(args: argparse.Namespace) -> Iterator[str]:
-    """The base URL to load: ``--url``, or a local service started from ``--config``
-    (``--start``, on 127.0.0.1) and stopped when the benchmark ends."""
+def _service(args: argparse.Namespace) -> Iterator[Endpoints]:
+    """The service to load (``launch.Endpoints``): ``--url`` (and ``--grpc-target``), or a local
+    service started from ``--config`` (``--start``, on 127.0.0.1) and stopped when the
+    benchmark ends."""
+    from .launch import Endpoints
+
     if not args.start:
-        yield args.url
+        yield Endpoints(http=args.url, grpc=getattr(args, "grpc_target", None) or DEFAULT_GRPC_TARGET,
+                        applications=())
         return
     from . import launch
 
@@ -53,22 +62,40 @@ def _service(args: argparse.Namespace) -> Iterator[str]:
     if getattr(args, "replicas", None):
         deployment = {"num_replicas": args.replicas, "autoscaling_config": None}
     config = launch.load_serve_config(args.config, http_port=args.http_port, http_host="127.0.0.1",
-                                      deployment=deployment)
+                                      grpc_port=args.grpc_port, deployment=deployment)
     try:
-        yield launch.start(config).http
+        yield launch.start(config)
     finally:
         launch.stop()
+
+
+DEFAULT_GRPC_TARGET = "127.0.0.1:9000"
+
+
+def _grpc_load(args: argparse.Namespace, endpoints: Endpoints) -> GrpcLoad:
+    """``--transport grpc``: the target (``--grpc-target``, else what ``--start`` started) and the
+    application metadata (``--application``, else the one ``--start`` deployed)."""
+    from .load_bench import GrpcLoad
+
+    target = args.grpc_target or endpoints.grpc
+    if target is None:
+        raise EngineError("--transport grpc: the started service has no gRPC server "
+                          "(grpc_options.grpc_servicer_functions is empty in --config)")
+    application = args.application or (endpoints.applications[0] if endpoints.applications else None)
+    return GrpcLoad(target=target, application=application, channels=args.grpc_channels,
+                    encoding=args.grpc_encoding)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from .load_bench import format_result, run_load_benchmark
 
-    with _service(args) as url:
+    with _service(args) as endpoints:
         token = args.token or os.environ.get("ARCFACE_SERVE_TOKEN")
         result = run_load_benchmark(
-            url, args.concurrency, args.faces_per_request, args.duration,
+            endpoints.http, args.concurrency, args.faces_per_request, args.duration,
             warmup_s=args.warmup, token=token, inprocess_s=None if args.inprocess else 0,
             body=args.body, accept=args.accept,
+            grpc=_grpc_load(args, endpoints) if args.transport == "grpc" else None,
         )
     if args.json:
         emit_json(result.to_dict())
@@ -80,9 +107,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 def cmd_bench_overload(args: argparse.Namespace) -> int:
     from .overload_bench import OverloadPlan, format_overload, run_overload_benchmark
 
-    with _service(args) as url:
+    with _service(args) as endpoints:
         plan = OverloadPlan(
-            url=url, faces_per_request=args.faces_per_request, factors=tuple(args.factors),
+            url=endpoints.http, faces_per_request=args.faces_per_request, factors=tuple(args.factors),
             duration_s=args.duration, repeat=args.repeat, clients=args.clients,
             capacity_clients=args.capacity_clients, calibrate_s=args.calibrate,
             capacity_rps=args.capacity_rps,
@@ -115,7 +142,8 @@ def _target_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", action="store_true",
                    help="start a local service from --config first, on 127.0.0.1 (and stop it after)")
     p.add_argument("--config", help="Serve deploy config used with --start")
-    p.add_argument("--http-port", type=int, help="port for --start (default from the config)")
+    p.add_argument("--http-port", type=int, help="HTTP port for --start (default from the config)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port for --start (default from the config)")
     p.add_argument("--token", help="bearer token (default $ARCFACE_SERVE_TOKEN)")
     p.add_argument("--json", action="store_true")
 
@@ -132,6 +160,17 @@ def _bench_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="request body: the .npy of the crops (default) or JSON base64 crops")
     p.add_argument("--accept", choices=("npy", "base64", "json"), default="npy",
                    help="answer: .npy (default), JSON with base64 float32, or JSON lists of numbers")
+    p.add_argument("--transport", choices=("http", "grpc"), default="http",
+                   help="http: POST /v1/embed, .npy both ways; grpc: EmbedBatch of raw crops, packed "
+                        "answer (/v1/info still read over --url)")
+    p.add_argument("--grpc-target", help=f"host:port of the gRPC server (default: what --start started, "
+                                         f"else {DEFAULT_GRPC_TARGET})")
+    p.add_argument("--application", help="Serve application name sent as gRPC metadata (default: the one "
+                                         "--start deployed, else none: a single application)")
+    p.add_argument("--grpc-channels", type=positive_int, default=1,
+                   help="gRPC channels (HTTP/2 connections) the clients share, round-robin")
+    p.add_argument("--grpc-encoding", choices=("packed", "repeated"), default="packed",
+                   help="answer encoding asked for (repeated: one message per face, the old path)")
 
 
 def _factors(text: str) -> list[float]:
@@ -181,5 +220,5 @@ BENCH_OVERLOAD = Command(
     "bench-overload",
     "open-loop overload at multiples of the measured capacity: 503 rate, accepted p50/p99, recovery",
     _bench_overload_arguments, cmd_bench_overload, order=71)
-BENCH_SERVE = Command("bench-serve", "HTTP load test of a running service vs the in-process engine",
+BENCH_SERVE = Command("bench-serve", "HTTP or gRPC load test of a running service vs the in-process engine",
                       _bench_serve_arguments, cmd_bench_serve, order=70)

@@ -40,7 +40,7 @@ NPY = "application/x-npy"
 Transport = Literal["npy", "json"]
 Accept = Literal["base64", "json", "npy"]
 __all__ = ["AsyncEmbeddingClient", "ContractMismatch", "EmbedResult", "EmbeddingClient",
-           "GrpcEmbeddingClient", "RetryPolicy", "ServiceError"]
+           "GrpcEmbeddingClient", "RetryPolicy", "ServiceError", "decode_embed_response"]
 
 
 class EmbedResult(NamedTuple):
@@ -375,23 +375,54 @@ class AsyncEmbeddingClient(_Protocol):
         return self._join(parts)
 
 
+def decode_embed_response(reply, expected_faces: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(embeddings (N, dim) float32, norms (N,))`` of an ``EmbedResponse`` in either encoding:
+    ``PACKED`` (one ``frombuffer``, no per-face loop) or ``REPEATED`` (what a server older than
+    the packed fields answers, whatever was asked). Raises ``ValueError`` on an answer that does
+    not add up (bytes not N * dim * 4, or not ``expected_faces`` faces)."""
+    from .protos import embedding_pb2 as pb
+
+    if reply.encoding == pb.PACKED:
+        n, dim, size = len(reply.norms), reply.dim, len(reply.embeddings_f32)
+        if dim <= 0 or size != n * dim * 4:
+            raise ValueError(f"malformed PACKED answer: {size} bytes of embeddings_f32 for {n} norms of "
+                             f"dim {dim} (expected {max(n * dim * 4, 0)})")
+        embeddings = np.frombuffer(reply.embeddings_f32, "<f4").reshape(n, dim)
+        norms = np.asarray(reply.norms, np.float32)
+    elif reply.encoding == pb.REPEATED:
+        dim = reply.dim
+        embeddings = np.asarray([e.values for e in reply.embeddings], np.float32).reshape(-1, dim)
+        norms = np.asarray([e.norm for e in reply.embeddings], np.float32)
+    else:
+        raise ValueError(f"answer in encoding {reply.encoding}, which this client does not know")
+    if expected_faces is not None and len(embeddings) != expected_faces:
+        raise ValueError(f"the service answered {len(embeddings)} embeddings for {expected_faces} faces")
+    return embeddings, norms
+
+
 class GrpcEmbeddingClient(_Closing):
     """``EmbeddingService`` over gRPC: ``embed(crops)`` as ``EmbedBatch`` of raw crops, split
     at ``max_faces_per_request``, retried on ``UNAVAILABLE``; ``last_timing`` from the trailing
-    metadata. ``application``: the Serve application name (the ``application`` metadata)."""
+    metadata. ``application``: the Serve application name (the ``application`` metadata).
+    ``encoding``: the answer encoding asked for, ``"packed"`` (default: one bytes field) or
+    ``"repeated"`` (one message per face); answers of either kind are read (an older server
+    answers repeated whatever is asked)."""
 
     def __init__(self, target: str, application: str | None = None, token: str | None = None,
                  expected_contract: str | None = None, max_faces_per_request: int = 256,
-                 timeout_s: float = 120.0, retry: RetryPolicy | None = None) -> None:
+                 timeout_s: float = 120.0, retry: RetryPolicy | None = None,
+                 encoding: Literal["packed", "repeated"] = "packed") -> None:
         import grpc
 
+        from .protos import embedding_pb2 as pb
         from .protos import embedding_pb2_grpc as pb_grpc
 
-        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1),
-                                                               ("grpc.max_receive_message_length", -1)])
+        if encoding not in ("packed", "repeated"):
+            raise ValueError(f"encoding must be packed or repeated, got {encoding!r}")
+        self._channel = grpc.insecure_channel(target, options=GRPC_CHANNEL_OPTIONS)
         self.stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self.metadata = ([("application", application)] if application else []) + (
-            [("authorization", f"Bearer {token}")] if token else [])
+        self.metadata = grpc_metadata(application, token)
+        self.encoding = pb.PACKED if encoding == "packed" else pb.REPEATED
         self._contract = _Protocol("grpc://" + target, expected_contract=expected_contract)
         self.max_faces, self.timeout_s = max_faces_per_request, timeout_s
         self.retry = retry or RetryPolicy()
@@ -419,16 +450,18 @@ class GrpcEmbeddingClient(_Closing):
                 time.sleep(self.retry.delay(attempt, None))
         raise AssertionError("unreachable")
 
+    def _result(self, reply, faces: int) -> EmbedResult:
+        embeddings, norms = decode_embed_response(reply, faces)
+        return EmbedResult(embeddings, norms, self._contract._check(reply.contract))
+
     def embed(self, crops: np.ndarray) -> EmbedResult:
         from .protos import embedding_pb2 as pb
 
         crops = np.ascontiguousarray(crops, np.uint8)
         parts = []
         for part in _chunks(len(crops), self.max_faces):
-            reply = self._call(self.stub.EmbedBatch, pb.EmbedBatchRequest(crops=crops[part].tobytes()))
-            parts.append(EmbedResult(np.asarray([e.values for e in reply.embeddings], np.float32),
-                                     np.asarray([e.norm for e in reply.embeddings], np.float32),
-                                     self._contract._check(reply.contract)))
+            request = pb.EmbedBatchRequest(crops=crops[part].tobytes(), encoding=self.encoding)
+            parts.append(self._result(self._call(self.stub.EmbedBatch, request), len(crops[part])))
         return _Protocol._join(parts)
 
     def embed_image(self, image: bytes, landmarks=None) -> EmbedResult:
@@ -436,7 +469,15 @@ class GrpcEmbeddingClient(_Closing):
         from .protos import embedding_pb2 as pb
 
         face = pb.Face(image=image, landmarks=[] if landmarks is None else np.ravel(landmarks).tolist())
-        reply = self._call(self.stub.Embed, pb.EmbedRequest(face=face))
-        return EmbedResult(np.asarray([e.values for e in reply.embeddings], np.float32),
-                           np.asarray([e.norm for e in reply.embeddings], np.float32),
-                           self._contract._check(reply.contract))
+        request = pb.EmbedRequest(face=face, encoding=self.encoding)
+        return self._result(self._call(self.stub.Embed, request), 1)
+
+
+# No message size limit on the client side: the service's own limit (max_body_mb) refuses.
+GRPC_CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def grpc_metadata(application: str | None, token: str | None) -> list[tuple[str, str]]:
+    """The call metadata: Serve's ``application`` routing key and the bearer token, when given."""
+    return ([("application", application)] if application else []) + (
+        [("authorization", f"Bearer {token}")] if token else [])

@@ -31,6 +31,7 @@ from engines import FACE_SIZE, LANDMARK_NAMES, ImageRejected, check_image_header
 from engines import check_landmarks as engine_check_landmarks
 
 from .errors import RequestError
+from .protos import embedding_pb2 as pb
 
 RAW_CROP_BYTES = FACE_SIZE * FACE_SIZE * 3
 NPY_MEDIA_TYPE = "application/x-npy"
@@ -444,6 +445,34 @@ def plan_grpc_faces(faces: list, crops: bytes, limits: Limits) -> list[FaceJob] 
         kps = parse_landmarks(list(face.landmarks), f"{where}.landmarks") if face.landmarks else None
         jobs.append(image_job(face.image, kps, where, limits))
     return check_request_pixels(jobs, limits)
+
+
+def check_grpc_encoding(encoding: int) -> None:
+    """The answer encoding of an ``Embed``/``EmbedBatch`` request must be one this service writes.
+    proto3 enums are open: a newer client's value arrives as a bare number, and answering it
+    in another encoding than asked would be misread, so it is refused."""
+    if encoding not in pb.Encoding.values():
+        known = ", ".join(f"{name} ({value})" for name, value in pb.Encoding.items())
+        raise RequestError(400, "bad_request", f"'encoding' must be one of {known}, got {encoding}")
+
+
+def grpc_embed_response(embeddings: np.ndarray, norms: np.ndarray, fields: dict[str, Any],
+                        encoding: int = pb.REPEATED) -> pb.EmbedResponse:
+    """The ``EmbedResponse`` of ``(N, dim)`` embeddings and ``(N,)`` norms in the ``encoding`` asked
+    for, and only that one: ``PACKED`` is one ``tobytes()`` of the matrix plus one packed float
+    field (no message per face); ``REPEATED`` one ``Embedding`` per face, built from Python
+    lists (iterating numpy rows into a repeated field costs about 6x more). ``fields``: dim,
+    model, backend, contract, precision (the replica's ``_response_fields``)."""
+    reply = pb.EmbedResponse(dim=fields["dim"], model=fields["model"], backend=fields["backend"],
+                             contract=fields["contract"], precision=fields["precision"], encoding=encoding)
+    if encoding == pb.PACKED:
+        reply.embeddings_f32 = np.ascontiguousarray(embeddings, "<f4").tobytes()
+        reply.norms.extend(np.asarray(norms, np.float32).tolist())
+    else:
+        reply.embeddings.extend(pb.Embedding(values=e, norm=n)
+                                for e, n in zip(np.asarray(embeddings).tolist(), np.asarray(norms).tolist(),
+                                                strict=True))
+    return reply
 
 
 def decode_grpc_faces(faces: list, crops: bytes, limits: Limits) -> np.ndarray:

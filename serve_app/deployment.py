@@ -44,8 +44,10 @@ from .codec import (
     NPY_MEDIA_TYPE,
     FaceJob,
     Limits,
+    check_grpc_encoding,
     decode_json_body,
     decode_npy,
+    grpc_embed_response,
     is_number,
     plan_embed_json,
     plan_face_spec,
@@ -405,23 +407,16 @@ class EmbeddingDeployment:
         metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
         self._check_auth(metadata.get("authorization"))
 
-    def _grpc_response(self, embeddings: np.ndarray, norms: np.ndarray) -> pb.EmbedResponse:
-        fields = self._response_fields()
-        return pb.EmbedResponse(
-            embeddings=[
-                pb.Embedding(values=e, norm=float(n)) for e, n in zip(embeddings, norms, strict=True)
-            ],
-            dim=fields["dim"], model=fields["model"], backend=fields["backend"],
-            contract=fields["contract"], precision=fields["precision"],
-        )
-
-    async def _grpc_embed(self, faces: list, crops: bytes, grpc_context) -> pb.EmbedResponse:
-        """The embeddings, with the timing fields in the trailing metadata (as HTTP's headers)."""
+    async def _grpc_embed(self, faces: list, crops: bytes, encoding: int, grpc_context) -> pb.EmbedResponse:
+        """The embeddings in the answer ``encoding`` asked for (``codec.grpc_embed_response``), with
+        the timing fields in the trailing metadata (as HTTP's headers)."""
         timing = RequestTiming()
+        check_grpc_encoding(encoding)  # before any work: a caller that cannot read the answer
         self.admission.check_open()
         plan = plan_grpc_faces(faces, crops, self.limits)
         crops_array = plan if isinstance(plan, np.ndarray) else await self._crops(plan, timing)
-        reply = self._grpc_response(*(await self.embed(crops_array, timing)))
+        embeddings, norms = await self.embed(crops_array, timing)
+        reply = grpc_embed_response(embeddings, norms, self._response_fields(), encoding)
         if grpc_context is not None:
             grpc_context.set_trailing_metadata(timing.grpc_metadata())
         return reply
@@ -429,12 +424,12 @@ class EmbeddingDeployment:
     @grpc_method(pb.EmbedRequest, pb.EmbedResponse)
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         self._grpc_auth(grpc_context)
-        return await self._grpc_embed([request.face], b"", grpc_context)
+        return await self._grpc_embed([request.face], b"", request.encoding, grpc_context)
 
     @grpc_method(pb.EmbedBatchRequest, pb.EmbedResponse)
     async def EmbedBatch(self, request: pb.EmbedBatchRequest, grpc_context=None) -> pb.EmbedResponse:
         self._grpc_auth(grpc_context)
-        return await self._grpc_embed(list(request.faces), request.crops, grpc_context)
+        return await self._grpc_embed(list(request.faces), request.crops, request.encoding, grpc_context)
 
     @grpc_method(pb.IdentifyRequest, pb.IdentifyResponse)
     async def Identify(self, request: pb.IdentifyRequest, grpc_context=None) -> pb.IdentifyResponse:

@@ -1,10 +1,18 @@
-"""``arcface bench-serve``: an async HTTP load generator against a running service.
+"""``arcface bench-serve``: an async load generator against a running service, over HTTP
+(``.npy`` both ways) or gRPC (``EmbedBatch`` of raw crops, packed answer).
 
 It reports what a client sees (faces/s, request latency percentiles, errors),
 what the service did (mean faces per engine batch, from ``/v1/info`` before
 and after), and the ratio of the service's throughput to the same engine
 called in-process, measured in the same run right after the load phase (never
 concurrently: on a small machine they would compete for the same cores).
+Either transport reads ``/v1/info`` over HTTP (batch statistics, the engine to compare with).
+
+gRPC load runs on ``grpc.aio`` in the same event loop as the workers: ``channels`` channels
+(default 1), worker ``i`` on channel ``i % channels``. One channel is one HTTP/2 connection
+multiplexing every worker's calls, as a real client process would hold; more channels spread
+the calls over more connections to the proxy (each channel costs the load generator, not the
+shell). The requests are built once, before the measured span.
 """
 
 from __future__ import annotations
@@ -19,14 +27,34 @@ import numpy as np
 
 from engines import CpuSampler, cpu_summary
 
-from .client import AsyncEmbeddingClient, RetryPolicy, ServiceError
+from .client import (
+    GRPC_CHANNEL_OPTIONS,
+    AsyncEmbeddingClient,
+    RetryPolicy,
+    ServiceError,
+    decode_embed_response,
+    grpc_metadata,
+)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrpcLoad:
+    """Where and how the gRPC load goes: ``target`` (host:port), the Serve ``application`` name
+    (metadata; ``None`` when one application runs), ``channels`` shared by the workers,
+    ``encoding`` of the answers asked for (``packed``; ``repeated`` to measure the old path)."""
+
+    target: str
+    application: str | None = None
+    channels: int = 1
+    encoding: str = "packed"
 
 
 @dataclass
 class LoadResult:
     url: str
+    transport: str  # http (body and accept below) or grpc (EmbedBatch, raw crops)
     concurrency: int
     faces_per_request: int
     duration_s: float
@@ -48,6 +76,7 @@ class LoadResult:
     # CPU of the service's processes during the measured load, by role (engines.bench.cpu_cost):
     # proxy, replica (engine included), serve_controller, ray_system, ...; with --start only
     shell_cpu: dict[str, Any] | None = None
+    grpc: dict[str, Any] | None = None  # GrpcLoad's fields with transport grpc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,32 +90,81 @@ def _batches(faces_per_request: int, count: int = 16) -> list[np.ndarray]:
     return [pool[rng.choice(len(pool), faces_per_request, replace=False)] for _ in range(count)]
 
 
+class _HttpSender:
+    """One embed over HTTP through ``AsyncEmbeddingClient``: 200, or the refusal's status."""
+
+    def __init__(self, client: AsyncEmbeddingClient, batches: list[np.ndarray]) -> None:
+        self.client, self.batches = client, batches
+
+    async def __call__(self, worker: int, k: int) -> int | str:
+        try:
+            await self.client.embed(self.batches[k])
+            return 200
+        except ServiceError as exc:
+            return exc.status or exc.reason
+
+    async def close(self) -> None:
+        return None
+
+
+class _GrpcSender:
+    """One ``EmbedBatch`` over ``grpc.aio``: 200 once the answer decodes to the faces sent, or the
+    status code's name (``UNAVAILABLE``, ...). Channels are made in the running loop."""
+
+    def __init__(self, load: GrpcLoad, token: str | None, batches: list[np.ndarray]) -> None:
+        import grpc
+
+        from .protos import embedding_pb2 as pb
+        from .protos import embedding_pb2_grpc as pb_grpc
+
+        if load.encoding not in ("packed", "repeated"):
+            raise ValueError(f"gRPC answer encoding must be packed or repeated, got {load.encoding!r}")
+        self.encoding = pb.PACKED if load.encoding == "packed" else pb.REPEATED
+        self.channels = [grpc.aio.insecure_channel(load.target, options=GRPC_CHANNEL_OPTIONS)
+                         for _ in range(load.channels)]
+        self.stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self.channels]
+        self.metadata = grpc_metadata(load.application, token)
+        self.error = grpc.aio.AioRpcError
+        self.requests = [(pb.EmbedBatchRequest(crops=b.tobytes(), encoding=self.encoding), len(b))
+                         for b in batches]
+
+    async def __call__(self, worker: int, k: int) -> int | str:
+        request, faces = self.requests[k]
+        try:
+            reply = await self.stubs[worker % len(self.stubs)].EmbedBatch(request, metadata=self.metadata,
+                                                                           timeout=120)
+        except self.error as exc:
+            return exc.code().name
+        decode_embed_response(reply, faces)  # raises on an answer that does not add up
+        return 200
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
 async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: float,
-                warmup_s: float, token: str | None, body: str = "npy",
-                accept: str = "npy") -> tuple[LoadResult, dict, dict]:
-    """Load through ``client.AsyncEmbeddingClient`` (``body`` and ``accept`` as its
-    ``transport`` and ``accept``; no retries: a refusal is counted, by status, as the
-    service's answer)."""
+                warmup_s: float, token: str | None, body: str = "npy", accept: str = "npy",
+                grpc: GrpcLoad | None = None) -> tuple[LoadResult, dict, dict]:
+    """Closed-loop load: HTTP through ``client.AsyncEmbeddingClient`` (``body`` and ``accept``
+    as its ``transport`` and ``accept``), or gRPC ``EmbedBatch`` (``grpc``); no retries: a
+    refusal is counted, by status, as the service's answer. ``/v1/info`` over HTTP either way."""
     batches = _batches(faces_per_request)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     done_faces = 0
     client = AsyncEmbeddingClient(url, token=token, transport=body, accept=accept,
                                   retry=RetryPolicy(retries=0), connections=concurrency, timeout_s=120)
+    send = _HttpSender(client, batches) if grpc is None else _GrpcSender(grpc, token, batches)
     async with client:
 
         async def worker(i: int, until: float, record: bool) -> None:
             nonlocal done_faces
             k = i
             while time.perf_counter() < until:
-                crops = batches[k % len(batches)]
-                k += 1
                 started = time.perf_counter()
-                try:
-                    await client.embed(crops)
-                    status: int | str = 200
-                except ServiceError as exc:
-                    status = exc.status or exc.reason
+                status = await send(i, k % len(batches))
+                k += 1
                 if not record:
                     continue
                 if status == 200:
@@ -95,22 +173,27 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
                 else:
                     errors[str(status)] = errors.get(str(status), 0) + 1
 
-        before = await client.info()  # also the client's request limit and contract
-        if warmup_s > 0:
-            end = time.perf_counter() + warmup_s
-            await asyncio.gather(*(worker(i, end, False) for i in range(concurrency)))
-            before = await client.info()
-        # the service's processes (a --start cluster is this process's tree), not this load generator
-        sampler = CpuSampler(exclude_self=True).start()
-        started = time.perf_counter()
-        end = started + duration_s
-        await asyncio.gather(*(worker(i, end, True) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        cost = sampler.stop()
-        after = await client.info()
+        try:
+            before = await client.info()  # also the client's request limit and contract
+            if warmup_s > 0:
+                end = time.perf_counter() + warmup_s
+                await asyncio.gather(*(worker(i, end, False) for i in range(concurrency)))
+                before = await client.info()
+            # the service's processes (a --start cluster is this process's tree), not this load generator
+            sampler = CpuSampler(exclude_self=True).start()
+            started = time.perf_counter()
+            end = started + duration_s
+            await asyncio.gather(*(worker(i, end, True) for i in range(concurrency)))
+            elapsed = time.perf_counter() - started
+            cost = sampler.stop()
+            after = await client.info()
+        finally:
+            await send.close()
     lat = np.asarray(latencies) * 1e3
     result = LoadResult(
         url=url,
+        transport="http" if grpc is None else "grpc",
+        grpc=None if grpc is None else asdict(grpc),
         concurrency=concurrency,
         faces_per_request=faces_per_request,
         duration_s=elapsed,
@@ -152,10 +235,12 @@ def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) 
 
 def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, duration_s: float,
                        warmup_s: float = 3.0, token: str | None = None,
-                       inprocess_s: float | None = None, body: str = "npy",
-                       accept: str = "npy") -> LoadResult:
+                       inprocess_s: float | None = None, body: str = "npy", accept: str = "npy",
+                       grpc: GrpcLoad | None = None) -> LoadResult:
+    """The load phase (HTTP at ``url`` with ``body`` / ``accept``, or gRPC per ``grpc``), then
+    the in-process engine (``inprocess_s`` seconds, default ``min(duration_s, 10)``; 0: skipped)."""
     result, before, after = asyncio.run(
-        _load(url, concurrency, faces_per_request, duration_s, warmup_s, token, body, accept)
+        _load(url, concurrency, faces_per_request, duration_s, warmup_s, token, body, accept, grpc)
     )
     b0, b1 = before.get("batch_stats", {}), after.get("batch_stats", {})
     batches = b1.get("batches", 0) - b0.get("batches", 0)
@@ -173,9 +258,11 @@ def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, durat
 
 
 def format_result(r: LoadResult) -> str:
+    where = r.url if r.grpc is None else (f"grpc {r.grpc['target']} ({r.grpc['channels']} channel(s), "
+                                          f"{r.grpc['encoding']} answers)")
     lines = [
-        f"{r.url}: {r.concurrency} clients x {r.faces_per_request} faces/request, {r.duration_s:.1f} s "
-        f"({r.body} body, {r.accept} answer)",
+        f"{where}: {r.concurrency} clients x {r.faces_per_request} faces/request, {r.duration_s:.1f} s"
+        + ("" if r.transport == "grpc" else f" ({r.body} body, {r.accept} answer)"),
         f"  engine      {r.engine.get('backend')} / {r.engine.get('precision')} / {r.engine.get('model_id')}",
         f"  throughput  {r.throughput_fps:.1f} faces/s ({r.requests_per_s:.1f} requests/s), "
         f"errors {r.errors}",

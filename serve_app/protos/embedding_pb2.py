@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serve_app/protos/embedding.proto\x12\narcface.v1\"6\n\x04\x46\x61\x63\x65\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tlandmarks\x18\x02 \x03(\x02\x12\x0c\n\x04\x63rop\x18\x03 \x01(\x0c\".\n\x0c\x45mbedRequest\x12\x1e\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x10.arcface.v1.Face\"C\n\x11\x45mbedBatchRequest\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x10.arcface.v1.Face\x12\r\n\x05\x63rops\x18\x02 \x01(\x0c\")\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0c\n\x04norm\x18\x02 \x01(\x02\"\x8c\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.arcface.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x63ontract\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\"R\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x63ontract\x18\x04 \x01(\t\"v\n\x0fIdentifyRequest\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x10.arcface.v1.Face\x12\r\n\x05\x63rops\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_threshold\",\n\tCandidate\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"k\n\x0eIdentification\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\r\n\x05match\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x02\x12)\n\ncandidates\x18\x04 \x03(\x0b\x32\x15.arcface.v1.Candidate\"\xa8\x01\n\x10IdentifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.arcface.v1.Identification\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x10\n\x08\x63ontract\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fgallery_version\x18\x05 \x01(\x03\x12\x1a\n\x12gallery_identities\x18\x06 \x01(\x05\x32\xa0\x02\n\x10\x45mbeddingService\x12<\n\x05\x45mbed\x12\x18.arcface.v1.EmbedRequest\x1a\x19.arcface.v1.EmbedResponse\x12\x46\n\nEmbedBatch\x12\x1d.arcface.v1.EmbedBatchRequest\x1a\x19.arcface.v1.EmbedResponse\x12?\n\x06Health\x12\x19.arcface.v1.HealthRequest\x1a\x1a.arcface.v1.HealthResponse\x12\x45\n\x08Identify\x12\x1b.arcface.v1.IdentifyRequest\x1a\x1c.arcface.v1.IdentifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serve_app/protos/embedding.proto\x12\narcface.v1\"6\n\x04\x46\x61\x63\x65\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tlandmarks\x18\x02 \x03(\x02\x12\x0c\n\x04\x63rop\x18\x03 \x01(\x0c\"V\n\x0c\x45mbedRequest\x12\x1e\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x10.arcface.v1.Face\x12&\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x14.arcface.v1.Encoding\"k\n\x11\x45mbedBatchRequest\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x10.arcface.v1.Face\x12\r\n\x05\x63rops\x18\x02 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x14.arcface.v1.Encoding\")\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0c\n\x04norm\x18\x02 \x01(\x02\"\xdb\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.arcface.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x63ontract\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x16\n\x0e\x65mbeddings_f32\x18\x07 \x01(\x0c\x12\r\n\x05norms\x18\x08 \x03(\x02\x12&\n\x08\x65ncoding\x18\t \x01(\x0e\x32\x14.arcface.v1.Encoding\"\x0f\n\rHealthRequest\"R\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x63ontract\x18\x04 \x01(\t\"v\n\x0fIdentifyRequest\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x10.arcface.v1.Face\x12\r\n\x05\x63rops\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_threshold\",\n\tCandidate\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"k\n\x0eIdentification\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\r\n\x05match\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x02\x12)\n\ncandidates\x18\x04 \x03(\x0b\x32\x15.arcface.v1.Candidate\"\xa8\x01\n\x10IdentifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.arcface.v1.Identification\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x10\n\x08\x63ontract\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fgallery_version\x18\x05 \x01(\x03\x12\x1a\n\x12gallery_identities\x18\x06 \x01(\x05*$\n\x08\x45ncoding\x12\x0c\n\x08REPEATED\x10\x00\x12\n\n\x06PACKED\x10\x01\x32\xa0\x02\n\x10\x45mbeddingService\x12<\n\x05\x45mbed\x12\x18.arcface.v1.EmbedRequest\x1a\x19.arcface.v1.EmbedResponse\x12\x46\n\nEmbedBatch\x12\x1d.arcface.v1.EmbedBatchRequest\x1a\x19.arcface.v1.EmbedResponse\x12?\n\x06Health\x12\x19.arcface.v1.HealthRequest\x1a\x1a.arcface.v1.HealthResponse\x12\x45\n\x08Identify\x12\x1b.arcface.v1.IdentifyRequest\x1a\x1c.arcface.v1.IdentifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serve_app.protos.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ENCODING']._serialized_start=1113
+  _globals['_ENCODING']._serialized_end=1149
   _globals['_FACE']._serialized_start=48
   _globals['_FACE']._serialized_end=102
   _globals['_EMBEDREQUEST']._serialized_start=104
-  _globals['_EMBEDREQUEST']._serialized_end=150
-  _globals['_EMBEDBATCHREQUEST']._serialized_start=152
-  _globals['_EMBEDBATCHREQUEST']._serialized_end=219
-  _globals['_EMBEDDING']._serialized_start=221
-  _globals['_EMBEDDING']._serialized_end=262
-  _globals['_EMBEDRESPONSE']._serialized_start=265
-  _globals['_EMBEDRESPONSE']._serialized_end=405
-  _globals['_HEALTHREQUEST']._serialized_start=407
-  _globals['_HEALTHREQUEST']._serialized_end=422
-  _globals['_HEALTHRESPONSE']._serialized_start=424
-  _globals['_HEALTHRESPONSE']._serialized_end=506
-  _globals['_IDENTIFYREQUEST']._serialized_start=508
-  _globals['_IDENTIFYREQUEST']._serialized_end=626
-  _globals['_CANDIDATE']._serialized_start=628
-  _globals['_CANDIDATE']._serialized_end=672
-  _globals['_IDENTIFICATION']._serialized_start=674
-  _globals['_IDENTIFICATION']._serialized_end=781
-  _globals['_IDENTIFYRESPONSE']._serialized_start=784
-  _globals['_IDENTIFYRESPONSE']._serialized_end=952
-  _globals['_EMBEDDINGSERVICE']._serialized_start=955
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1243
+  _globals['_EMBEDREQUEST']._serialized_end=190
+  _globals['_EMBEDBATCHREQUEST']._serialized_start=192
+  _globals['_EMBEDBATCHREQUEST']._serialized_end=299
+  _globals['_EMBEDDING']._serialized_start=301
+  _globals['_EMBEDDING']._serialized_end=342
+  _globals['_EMBEDRESPONSE']._serialized_start=345
+  _globals['_EMBEDRESPONSE']._serialized_end=564
+  _globals['_HEALTHREQUEST']._serialized_start=566
+  _globals['_HEALTHREQUEST']._serialized_end=581
+  _globals['_HEALTHRESPONSE']._serialized_start=583
+  _globals['_HEALTHRESPONSE']._serialized_end=665
+  _globals['_IDENTIFYREQUEST']._serialized_start=667
+  _globals['_IDENTIFYREQUEST']._serialized_end=785
+  _globals['_CANDIDATE']._serialized_start=787
+  _globals['_CANDIDATE']._serialized_end=831
+  _globals['_IDENTIFICATION']._serialized_start=833
+  _globals['_IDENTIFICATION']._serialized_end=940
+  _globals['_IDENTIFYRESPONSE']._serialized_start=943
+  _globals['_IDENTIFYRESPONSE']._serialized_end=1111
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1152
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1440
 # @@protoc_insertion_point(module_scope)

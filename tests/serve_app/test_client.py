@@ -4,6 +4,7 @@ retries on 503 (proven by filling the replica's queue) and the gRPC helper."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -115,14 +116,41 @@ def test_a_contract_other_than_the_expected_one_is_refused(url, serve_endpoints,
         grpc_client.embed(faces[:1])
 
 
-def test_grpc_client(url, serve_endpoints, engine, faces):
-    with GrpcEmbeddingClient(serve_endpoints.grpc, application="cli", max_faces_per_request=4) as client:
-        embeddings, norms, contract = client.embed(faces[:9])
+@pytest.mark.parametrize("encoding", ["packed", "repeated"])
+def test_grpc_client(url, serve_endpoints, engine, faces, encoding):
+    with GrpcEmbeddingClient(serve_endpoints.grpc, application="cli", max_faces_per_request=4,
+                             encoding=encoding) as client:
+        embeddings, norms, contract = client.embed(faces[:9])  # 4 + 4 + 1 faces
         assert set(client.last_timing) >= {"x-queue-time", "x-compute-time", "x-batch-faces"}
+        single = client.embed(faces[:1])
         one = client.embed_image(cv2.imencode(".png", faces[0])[1].tobytes())
-    assert contract == engine.info.contract and norms.shape == (9,)
+    assert contract == engine.info.contract
+    assert embeddings.shape == (9, 512) and norms.shape == (9,) and (norms > 0).all()
+    assert single.embeddings.shape == (1, 512) and single.norms.shape == (1,)
+    assert one.embeddings.shape == (1, 512) and one.norms.shape == (1,)
     assert _cos(embeddings, engine.encode(faces[:9])).min() >= 0.99999
+    assert _cos(single.embeddings, engine.encode(faces[:1])).min() >= 0.99999
     assert _cos(one.embeddings, engine.encode(faces[:1])).min() >= 0.99999
+
+
+def test_bench_serve_over_grpc_measures_the_shell(url, serve_endpoints, capsys):
+    """``arcface bench-serve --transport grpc`` against the running service, in this process: its
+    Ray is this process's tree, so the shell's CPU is seen by role as with ``--start``."""
+    from engines.cli import main
+
+    rc = main(["bench-serve", "--url", url, "--transport", "grpc", "--grpc-target", serve_endpoints.grpc,
+               "--application", "cli", "--grpc-channels", "2", "--concurrency", "4", "--faces-per-request",
+               "2", "--duration", "1.5", "--warmup", "0.5", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["transport"] == "grpc" and out["grpc"] == {
+        "target": serve_endpoints.grpc, "application": "cli", "channels": 2, "encoding": "packed"}
+    assert out["requests"] > 0 and out["errors"] == {} and out["faces"] == 2 * out["requests"]
+    assert out["latency_ms_p99"] >= out["latency_ms_p50"] > 0
+    assert out["inprocess_fps"] > 0 and out["ratio_to_inprocess"] > 0
+    cpu = out["shell_cpu"]
+    assert cpu["cpu_ms_per_face"] > 0 and "driver" not in cpu["cpu_s_by_role"], cpu
+    assert cpu["cpu_s_by_role"].get("replica", 0) > 0 and cpu["cpu_s_by_role"].get("proxy", 0) > 0, cpu
 
 
 def test_retries_on_503_wait_retry_after_and_succeed_once_the_queue_drains(serve_endpoints, faces, caplog):

@@ -116,13 +116,13 @@ def test_bench_serve_starts_the_service_from_config_and_measures_it(tmp_path):
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run(
         [sys.executable, "-m", "engines", "bench-serve", "--start", "--config", str(tmp_path / "serve.yaml"),
-         "--http-port", str(free_port()),
+         "--http-port", str(free_port()), "--grpc-port", str(free_port()),
          "--concurrency", "4", "--faces-per-request", "2", "--duration", "3", "--warmup", "1", "--json"],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["requests"] > 0 and out["errors"] == {}
+    assert out["requests"] > 0 and out["errors"] == {} and out["transport"] == "http"
     assert out["engine"]["backend"] == "onnx" and out["engine"]["model_id"] == "synthetic-mobilefacenet"
     assert out["latency_ms_p99"] >= out["latency_ms_p50"] > 0
     assert out["observed_mean_batch_faces"] >= 2

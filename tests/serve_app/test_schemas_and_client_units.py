@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from openapi_spec_validator import validate
 
-from serve_app.client import ContractMismatch, RetryPolicy, _error, _Protocol
+from serve_app.client import ContractMismatch, RetryPolicy, _error, _Protocol, decode_embed_response
 from serve_app.codec import Limits, plan_embed_json, run_jobs
 from serve_app.errors import RequestError
 from serve_app.multipart import plan_multipart
+from serve_app.protos import embedding_pb2 as pb
 from serve_app.schemas import ROUTES, build_openapi
 
 
@@ -78,3 +79,25 @@ def test_multipart_plans_like_the_json_body(faces):
     with pytest.raises(RequestError) as err:
         asyncio.run(plan_multipart(body, ctype, Limits(max_faces=2)))
     assert (err.value.status, err.value.reason) == (413, "too_many_faces")
+
+
+def test_grpc_answers_decode_in_either_encoding_and_bad_ones_are_refused():
+    """A PACKED answer is one frombuffer; a REPEATED one (an older server ignores the request's
+    encoding) reads the same; an answer whose bytes do not add up is an error, not a reshape."""
+    rng = np.random.default_rng(1)
+    emb, norms = rng.standard_normal((3, 8)).astype(np.float32), np.array([1.5, 2.0, 2.5], np.float32)
+    packed = pb.EmbedResponse(dim=8, encoding=pb.PACKED, embeddings_f32=emb.tobytes(), norms=norms)
+    repeated = pb.EmbedResponse(dim=8, embeddings=[pb.Embedding(values=e, norm=n)
+                                                   for e, n in zip(emb, norms, strict=True)])
+    for reply in (packed, repeated):
+        got, got_norms = decode_embed_response(pb.EmbedResponse.FromString(reply.SerializeToString()), 3)
+        assert got.shape == (3, 8) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, emb)
+        np.testing.assert_array_equal(got_norms, norms)
+    short = pb.EmbedResponse(dim=8, encoding=pb.PACKED, embeddings_f32=emb.tobytes()[:-4], norms=norms)
+    with pytest.raises(ValueError, match=r"92 bytes of embeddings_f32 for 3 norms of dim 8 \(expected 96\)"):
+        decode_embed_response(short)
+    with pytest.raises(ValueError, match="answered 3 embeddings for 4 faces"):
+        decode_embed_response(packed, 4)
+    with pytest.raises(ValueError, match="encoding 5"):
+        decode_embed_response(pb.EmbedResponse(dim=8, encoding=5))

@@ -152,6 +152,43 @@ def test_grpc_embed_batch_and_health(main_url, stub, engine, faces):
     assert health.status == "ok" and health.backend == "onnx"
 
 
+def test_grpc_packed_answers_equal_the_repeated_ones_and_the_engine(main_url, stub, engine, faces):
+    """PACKED (one bytes field) carries what REPEATED (one message per face, still the default)
+    does; each answer fills only its own fields and says its encoding."""
+    expected = engine.encode(faces[:5])
+    default = stub.EmbedBatch(pb.EmbedBatchRequest(crops=faces[:5].tobytes()), metadata=GRPC_META, timeout=60)
+    assert default.encoding == pb.REPEATED and len(default.embeddings) == 5
+    assert default.embeddings_f32 == b"" and len(default.norms) == 0
+    packed = stub.EmbedBatch(pb.EmbedBatchRequest(crops=faces[:5].tobytes(), encoding=pb.PACKED),
+                             metadata=GRPC_META, timeout=60)
+    assert packed.encoding == pb.PACKED and len(packed.embeddings) == 0
+    assert len(packed.embeddings_f32) == 5 * packed.dim * 4 and len(packed.norms) == 5
+    got = np.frombuffer(packed.embeddings_f32, "<f4").reshape(5, packed.dim)
+    repeated = np.array([e.values for e in default.embeddings], np.float32)
+    assert _cos(got, repeated).min() >= 0.99999 and _cos(got, expected).min() >= 0.99999
+    np.testing.assert_allclose(packed.norms, [e.norm for e in default.embeddings], rtol=1e-4)
+    assert (packed.dim, packed.contract) == (default.dim, default.contract) == (512, engine.info.contract)
+    one = stub.Embed(pb.EmbedRequest(face=pb.Face(crop=faces[0].tobytes()), encoding=pb.PACKED),
+                     metadata=GRPC_META, timeout=60)
+    assert one.encoding == pb.PACKED and len(one.norms) == 1 and one.norms[0] > 0
+    assert _cos(np.frombuffer(one.embeddings_f32, "<f4").reshape(1, 512), expected[:1]).min() >= 0.99999
+
+
+@pytest.mark.parametrize("method", ["Embed", "EmbedBatch"])
+def test_grpc_unknown_answer_encoding_is_invalid_argument(main_url, channel, stub, faces, method):
+    """proto3 enums are open: a value this service does not write is refused, not answered in
+    another encoding than asked."""
+    face = pb.Face(crop=faces[0].tobytes())
+    request = pb.EmbedRequest(face=face, encoding=7) if method == "Embed" else pb.EmbedBatchRequest(
+        faces=[face], encoding=7)
+    with pytest.raises(grpc.RpcError) as info:
+        _grpc_call(channel, method, request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "bad_request: 'encoding' must be one of REPEATED (0), PACKED (1), got 7"
+    ok = stub.EmbedBatch(pb.EmbedBatchRequest(crops=faces[:1].tobytes()), metadata=GRPC_META, timeout=30)
+    assert len(ok.embeddings) == 1
+
+
 def test_grpc_bad_input_is_invalid_argument(main_url, stub, faces):
     with pytest.raises(grpc.RpcError) as info:
         stub.EmbedBatch(pb.EmbedBatchRequest(crops=b"\x00" * 100), metadata=GRPC_META, timeout=30)
