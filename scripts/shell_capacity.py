@@ -28,6 +28,7 @@ import datetime
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,13 @@ _TITLES = {
 }
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the config's 8000 / 9000 may be another service's)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _arcface(*args: str) -> list[str]:
     return [sys.executable, "-m", "engines", *args]
 
@@ -65,7 +73,8 @@ def _run_json(cmd: list[str], env: dict[str, str], timeout_s: float) -> dict[str
 
 
 def serve_command(path: str, args: argparse.Namespace) -> list[str]:
-    cmd = _arcface("bench-serve", "--start", "--concurrency", str(args.concurrency),
+    cmd = _arcface("bench-serve", "--start", "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                   "--concurrency", str(args.concurrency),
                    "--faces-per-request", str(args.faces_per_request), "--duration", str(args.duration),
                    "--warmup", str(args.warmup), "--json")
     if path == "grpc":

@@ -77,9 +77,36 @@ def measure(faces: int, dim: int = 512, min_s: float = 0.3) -> dict[str, Any]:
     return out
 
 
+BEGIN, END = "<!-- bench-answers:begin -->", "<!-- bench-answers:end -->"
+_NAMES = {"stdlib_json": "stdlib JSON (before)", "json": "`encoding=json` (orjson)",
+          "base64": "`encoding=base64`", "npy": "`.npy`"}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The README table: write ms (x the stdlib path) and size per encoding, then read ms."""
+    names = list(_NAMES)
+    rows = ["| faces | " + " | ".join(_NAMES[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+    for n, enc in result["faces"].items():
+        cells = [f"{enc[k]['write_ms']:.3f} ms ({enc[k]['write_vs_stdlib']:.3f}x), "
+                 f"{enc[k]['bytes'] / 1e3:.1f} KB" for k in names]
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    rows += ["", "Reading back (the client), ms: " + "; ".join(
+        f"{n} faces: " + ", ".join(f"{k} {enc[k]['read_ms']:.3f}" for k in names)
+        for n, enc in result["faces"].items()) + ".",
+        "", f"Measured {result['date']} on {result['cpu']} with `arcface bench-answers "
+        f"--faces {','.join(result['faces'])} --readme README.md` ({result['dim']}-d float32)."]
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> int:
-    result = {"cpu": cpu_model_name(), "dim": args.dim,
+    import datetime
+
+    result = {"cpu": cpu_model_name(), "dim": args.dim, "date": datetime.date.today().isoformat(),
               "faces": {str(n): measure(n, args.dim, args.min_seconds) for n in args.faces}}
+    if args.readme:
+        from engines.bench.render import replace_readme_section
+
+        replace_readme_section(args.readme, BEGIN, END, markdown(result))
     if args.json:
         emit_json(result)
         return 0
@@ -106,6 +133,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faces", type=_faces, default=[1, 8, 256], help="faces per answer (default 1,8,256)")
     p.add_argument("--dim", type=positive_int, default=512)
     p.add_argument("--min-seconds", type=float, default=0.3, help="time each measurement at least this long")
+    p.add_argument("--readme", help="write the table into this README's bench-answers section")
     p.add_argument("--json", action="store_true")
 
 

@@ -2,11 +2,12 @@
 in the encoding the caller asked for.
 
 JSON answers are built on the replica's event loop, so their cost is paid by every request
-queued behind them. The stdlib path (``ndarray.tolist()`` then ``json.dumps``) takes about
-160 ms for 256 x 512 float32 embeddings; orjson serialises the array itself, printing each
-float32 in its shortest form (which reads back to the same float32), in about 6 ms; and
-``encoding=base64`` puts the float32 bytes themselves in the JSON (about 1.5 ms, 0.43x the
-bytes of numbers). ``arcface bench-answers`` measures the three side by side.
+queued behind it. The stdlib path (``ndarray.tolist()`` then ``json.dumps``) builds a Python
+float per value; orjson serialises the array itself, printing each float32 in its shortest
+form (which reads back to the same float32), more than an order of magnitude faster; and
+``encoding=base64`` puts the float32 bytes themselves in the JSON, cheaper again and under half
+the bytes. ``arcface bench-answers`` measures the encodings side by side (README "Answer
+encodings").
 
 ``/v1/embed`` answers (README "HTTP API"):
 

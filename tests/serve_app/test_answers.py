@@ -102,7 +102,7 @@ def test_the_client_asks_for_base64_by_default_and_as_told():
         _Protocol("http://x", accept="xml")
 
 
-def test_bench_answers_prints_every_encoding_side_by_side(capsys):
+def test_bench_answers_prints_every_encoding_side_by_side(capsys, tmp_path):
     from engines import cli
 
     assert cli.main(["bench-answers", "--faces", "1,3", "--min-seconds", "0.001", "--json"]) == 0
@@ -112,6 +112,13 @@ def test_bench_answers_prints_every_encoding_side_by_side(capsys):
         assert set(encodings) == {"stdlib_json", "json", "base64", "npy"}
         assert encodings["stdlib_json"]["write_vs_stdlib"] == 1.0
         assert all(e["write_ms"] > 0 and e["read_ms"] > 0 and e["bytes"] > 0 for e in encodings.values())
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- bench-answers:begin -->\nold\n<!-- bench-answers:end -->\nend\n")
+    assert cli.main(["bench-answers", "--faces", "2", "--min-seconds", "0.001", "--readme", str(readme)]) == 0
+    written = readme.read_text()
+    assert "old" not in written and "| 2 | " in written and "stdlib JSON (before)" in written
+    assert "arcface bench-answers --faces 2 --readme README.md" in written and written.endswith("end\n")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as info:  # argparse: a usage error, exit 2
         cli.main(["bench-answers", "--faces", "0"])
     assert info.value.code == 2
