@@ -192,6 +192,9 @@ def start(config, address: str | None = None, num_cpus: int | None = None,
         grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
         controller_options=controller_options(config),
         global_tracing_config=config.tracing_config,
+        # the config's top-level logging_config, as `serve run` / `serve deploy` apply it (it
+        # reaches the proxies too, e.g. enable_access_log); None: Serve's defaults
+        global_logging_config=config.logging_config,
     )
     client.deploy_apps(config, _blocking=False)
     names = tuple(app.name for app in config.applications)
