@@ -23,6 +23,7 @@ from .cli.common import (
     DemoStep,
     emit_json,
     positive_int,
+    positive_ints,
     run_with_exit_codes,
 )
 from .config.loader import REPO_CONFIG_DIR, load_config
@@ -150,6 +151,7 @@ __all__ = [
     "open_gallery_store",
     "orphan_tmp_files",
     "positive_int",
+    "positive_ints",
     "read_bytes",
     "read_yaml_mapping",
     "register",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from engines import Command, cpu_model_name, emit_json, positive_int
+from engines import Command, cpu_model_name, emit_json, positive_int, positive_ints
 
 from .answers import embed_answer
 
@@ -119,18 +119,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _faces(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected face counts like 1,8,256, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive face counts like 1,8,256, got {text!r}")
-    return values
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--faces", type=_faces, default=[1, 8, 256], help="faces per answer (default 1,8,256)")
+    p.add_argument("--faces", type=positive_ints, default=[1, 8, 256],
+                   help="faces per answer (default 1,8,256)")
     p.add_argument("--dim", type=positive_int, default=512)
     p.add_argument("--min-seconds", type=float, default=0.3, help="time each measurement at least this long")
     p.add_argument("--readme", help="write the table into this README's bench-answers section")

@@ -24,6 +24,7 @@ from .common import (
     backend_list,
     emit_json,
     positive_int,
+    positive_ints,
     run_with_exit_codes,
 )
 from .plugins import COMMANDS_GROUP, load_plugins
@@ -43,6 +44,7 @@ __all__ = [
     "emit_json",
     "main",
     "positive_int",
+    "positive_ints",
     "run_with_exit_codes",
 ]
 

@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 
 from ..config.schema import PRECISIONS
-from .common import EXIT_FAILED, EXIT_OK, Command, add_common, backend_list, emit_json, load_cfg, positive_int
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Command,
+    add_common,
+    backend_list,
+    emit_json,
+    load_cfg,
+    positive_int,
+    positive_ints,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,16 +97,6 @@ def _model_names(text: str) -> list[str]:
     return names
 
 
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}")
-    return sizes
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", type=backend_list, default=["insightface", "onnx"],
                    help="comma-separated; the first is the speed-up baseline")
@@ -118,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="report on mobilefacenet at batches 1,8 only (a smoke run)")
     r.add_argument("--models", type=_model_names,
                    help="comma-separated synthetic architectures (default: all three)")
-    r.add_argument("--batch-sizes", type=_batch_sizes, help="default: 1,8,32,64")
+    r.add_argument("--batch-sizes", type=positive_ints, help="default: 1,8,32,64")
     r.add_argument("--faces-per-point", type=positive_int,
                    help="faces measured per backend and batch size (default 128)")
     r.add_argument("--accuracy", action="store_true",

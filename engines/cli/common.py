@@ -96,6 +96,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    """``1,8,256`` -> ``[1, 8, 256]``: one or more positive integers (batch sizes, face counts)."""
+    try:
+        values = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}")
+    return values
+
+
 def load_cfg(args: argparse.Namespace, **overrides: Any) -> Config:
     """The config ``--config`` names (default: ``$ARCFACE_CONFIG`` or config/embedding.yaml),
     with ``overrides`` (dotted keys; ``None`` values ignored) applied last."""

@@ -122,4 +122,4 @@ def test_bench_answers_prints_every_encoding_side_by_side(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:  # argparse: a usage error, exit 2
         cli.main(["bench-answers", "--faces", "0"])
     assert info.value.code == 2
-    assert "expected positive face counts" in capsys.readouterr().err
+    assert "comma-separated positive integers" in capsys.readouterr().err
