@@ -15,6 +15,7 @@ from .base.contract import EmbeddingEngine, EngineInfo, embedding_contract_id, m
 from .base.image import ALLOWED_FORMATS, ImageRejected, check_image_header, decode_image
 from .base.preprocess import FACE_SIZE
 from .bench.cpu_cost import CpuCost, CpuSampler, cpu_summary
+from .bench.render import replace_readme_section
 from .cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -156,6 +157,7 @@ __all__ = [
     "read_yaml_mapping",
     "register",
     "remove_dir_if_empty",
+    "replace_readme_section",
     "resolve_model",
     "run_embedding_regression_tests",
     "run_with_exit_codes",

@@ -35,8 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engines import cpu_model_name
-from engines.bench.render import replace_readme_section
+from engines import cpu_model_name, replace_readme_section
 
 logger = logging.getLogger("shell_capacity")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from engines import Command, cpu_model_name, emit_json, positive_int, positive_ints
+from engines import Command, cpu_model_name, emit_json, positive_int, positive_ints, replace_readme_section
 
 from .answers import embed_answer
 
@@ -104,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
     result = {"cpu": cpu_model_name(), "dim": args.dim, "date": datetime.date.today().isoformat(),
               "faces": {str(n): measure(n, args.dim, args.min_seconds) for n in args.faces}}
     if args.readme:
-        from engines.bench.render import replace_readme_section
-
         replace_readme_section(args.readme, BEGIN, END, markdown(result))
     if args.json:
         emit_json(result)
