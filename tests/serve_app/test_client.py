@@ -153,11 +153,24 @@ def test_bench_serve_over_grpc_measures_the_shell(url, serve_endpoints, capsys):
     assert cpu["cpu_s_by_role"].get("replica", 0) > 0 and cpu["cpu_s_by_role"].get("proxy", 0) > 0, cpu
 
 
-def test_retries_on_503_wait_retry_after_and_succeed_once_the_queue_drains(serve_endpoints, faces, caplog):
+class _StopOnRetry(logging.Handler):
+    """Records the client's retry lines and sets ``stop`` at the first: the flood ends only once
+    the patient client has met a 503, so the test does not depend on the host's speed."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__(logging.INFO)
+        self.stop, self.retries = stop, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retry" in record.getMessage():
+            self.retries.append(record.getMessage())
+            self.stop.set()
+
+
+def test_retries_on_503_wait_retry_after_and_succeed_once_the_queue_drains(serve_endpoints, faces):
     """Fill the replica's queue with heavy requests: a client without retries gets the 503, a
     client with retries waits at least Retry-After between tries and gets its answer."""
-    # a queue wait shorter than one batch: while any flood request runs, every other is refused,
-    # so the patient client's first try meets a full queue however fast the host is
+    # a queue wait shorter than one batch: while any flood request runs, every other is refused
     deploy("busy", {"max_queue_wait_s": 0.02, "retry_after_s": 1},
            user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.0})
     url = serve_endpoints.http + "/busy"
@@ -172,6 +185,8 @@ def test_retries_on_503_wait_retry_after_and_succeed_once_the_queue_drains(serve
             except requests.RequestException:  # refused before the body was read: the connection
                 continue  # closes mid-upload; a flood thread that died would let the queue drain
 
+    client_log = logging.getLogger("serve_app.client")
+    watcher = _StopOnRetry(stop)
     with ThreadPoolExecutor(8) as pool:
         for i in range(8):
             pool.submit(flood, i)
@@ -181,16 +196,23 @@ def test_retries_on_503_wait_retry_after_and_succeed_once_the_queue_drains(serve
                 for _ in range(20):
                     impatient.embed(faces[:16])
             assert info.value.status == 503 and info.value.retry_after_s == 1.0
-        caplog.set_level(logging.INFO, logger="serve_app.client")
-        threading.Timer(3.0, stop.set).start()  # the queue drains while the client retries
-        started = time.monotonic()
-        with EmbeddingClient(url, retry=RetryPolicy(retries=30, backoff_s=0.05), max_faces_per_request=256) \
-                as patient:
-            result = patient.embed(faces[:16])
-        elapsed = time.monotonic() - started
-        stop.set()
-    retries = [r for r in caplog.records if r.name == "serve_app.client" and "retry" in r.getMessage()]
+        level = client_log.level
+        client_log.setLevel(logging.INFO)
+        client_log.addHandler(watcher)
+        try:
+            patience = RetryPolicy(retries=30, backoff_s=0.05)
+            with EmbeddingClient(url, retry=patience, max_faces_per_request=256) as patient:
+                for _ in range(40):  # until one call meets the full queue (then the flood stops)
+                    started = time.monotonic()
+                    result = patient.embed(faces[:16])
+                    elapsed = time.monotonic() - started
+                    if watcher.retries:
+                        break
+        finally:
+            stop.set()
+            client_log.removeHandler(watcher)
+            client_log.setLevel(level)
     assert result.embeddings.shape == (16, 512)
-    assert retries, "the client never saw a 503: the queue was not full"
-    assert all(float(r.getMessage().rsplit(" in ", 1)[1].split()[0]) >= 1.0 for r in retries)  # Retry-After
-    assert elapsed >= len(retries) * 1.0
+    assert watcher.retries, "the client never saw a 503 in 40 calls: the queue was not full"
+    assert all(float(m.rsplit(" in ", 1)[1].split()[0]) >= 1.0 for m in watcher.retries)  # Retry-After
+    assert elapsed >= len(watcher.retries) * 1.0
