@@ -59,7 +59,7 @@ def test_episode_job_actor_pool_spans_gpu_nodes(fake_cluster, wait_for_whole_poo
     rows_per_node = Counter()
     for line in lines:
         rows_per_node[line["node_id"]] += len(line["uids"])
-    nodes = {n["NodeID"]: n for n in worker_nodes("A10G")}
+    nodes = {n["NodeID"]: n for n in worker_nodes("A10G", include_gone=True)}
     print(f"\nrows embedded per node: {dict(rows_per_node)}; actors (node, pid): "
           f"{sorted({(line['node_id'][-5:], line['pid']) for line in lines})}")
     assert len(rows_per_node) >= 2, f"one node embedded everything: {dict(rows_per_node)}"

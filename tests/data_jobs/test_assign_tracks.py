@@ -8,6 +8,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from identity_faces import JITTER, THRESHOLD, enroll_jitters
+from support import run_main
 
 from data_jobs.assign_tracks import AssignSpec, run_assign
 from data_jobs.job import JobSpec, run_job
@@ -15,6 +16,7 @@ from data_jobs.reader import read_committed
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
 from engines import ConfigError, VectorStore, get_engine, source_faces
+from engines.cli import main as cli_main
 from engines.identity.gallery import open_gallery_store
 
 pytestmark = pytest.mark.integration
@@ -132,5 +134,5 @@ def test_the_command_line_resumes_and_refuses_bad_input_with_exit_2(embedded, tm
     table = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert table.returncode == 0 and "seconds" in table.stdout and "unknown-ep000-0" in table.stdout
     for bad in (["--embeddings", str(tmp_path)], ["--fps", "0"], ["--threshold", "3"]):
-        proc = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=300)
+        proc = run_main(cli_main, [*args[3:], *bad])  # refused before any work: in this process
         assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-2000:])

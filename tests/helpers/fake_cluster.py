@@ -201,9 +201,13 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n["Alive"]]
 
 
-def worker_nodes(accelerator: str | None = None) -> list[dict[str, Any]]:
-    """Alive fake GPU nodes (of ``accelerator`` if given)."""
-    nodes = [n for n in alive_nodes() if n["Resources"].get("GPU")]
+def worker_nodes(accelerator: str | None = None, include_gone: bool = False) -> list[dict[str, Any]]:
+    """Fake GPU nodes (of ``accelerator`` if given): the alive ones, or with ``include_gone`` also
+    those the autoscaler has already terminated (a node idle for ``idle_timeout_minutes`` after
+    its last actor may be gone by the time a test looks at where its work ran)."""
+    import ray
+
+    nodes = [n for n in (ray.nodes() if include_gone else alive_nodes()) if n["Resources"].get("GPU")]
     if accelerator:
         nodes = [n for n in nodes if n["Resources"].get(f"accelerator_type:{accelerator}")]
     return nodes

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import socket
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 
 def free_port() -> int:
@@ -11,6 +15,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a command line returned and printed, as ``subprocess.CompletedProcess`` names it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> CliResult:
+    """Run a command's ``main(argv)`` in this process, as its console script would (argparse's
+    ``SystemExit`` is the exit code). For refusals that happen before any work: a subprocess
+    per case costs seconds of imports and proves nothing more; each command keeps at least one
+    real-subprocess test of its exit code."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 # Settings of the session's local Ray (the ``ray_local`` fixture), kept so that a test

@@ -10,8 +10,10 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from support import run_main
 
 from engines import jitter_face, source_faces
+from engines.cli import main as cli_main
 
 pytestmark = pytest.mark.slow  # spawns the CLI
 
@@ -82,5 +84,6 @@ def test_evaluate_a_pairs_file_with_landmark_sidecars(tmp_path):
     (["--faces", "."], "at least 2 identities"),
 ])
 def test_bad_input_exits_2_with_a_message(args, message):
-    proc = _run(*args, "--model", "synthetic:mobilefacenet")
+    # refused before any work, in this process (the other tests run the real console script)
+    proc = run_main(cli_main, ["evaluate", *args, "--model", "synthetic:mobilefacenet"])
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
