@@ -11,20 +11,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from identity_faces import gallery_dir, jitters
+from support import CliResult, run_main
 
 from engines import source_faces
+from engines.cli import main as cli_main
 
 pytestmark = pytest.mark.slow  # spawns the CLI
 
 MODEL = ("--model", "synthetic:mobilefacenet", "--backend", "onnx")
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    """``arcface gallery`` as users run it: a real subprocess (once per test module's main path)."""
     return subprocess.run([sys.executable, "-m", "engines", "gallery", *args], capture_output=True, text=True,
                           timeout=300)
 
 
-def _last_json(proc: subprocess.CompletedProcess) -> dict:
+def _run(*args: str) -> CliResult:
+    """``arcface gallery`` in this process: the same ``main``, without seconds of imports per call."""
+    return run_main(cli_main, ["gallery", *args])
+
+
+def _last_json(proc: subprocess.CompletedProcess | CliResult) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -32,7 +40,7 @@ def _last_json(proc: subprocess.CompletedProcess) -> dict:
 def test_enroll_ls_remove_and_another_contract_refused(tmp_path):
     faces = gallery_dir(tmp_path / "faces", range(3))
     gallery = str(tmp_path / "G")
-    report = _last_json(_run("enroll", "--gallery", gallery, "--faces", str(faces), *MODEL, "--json"))
+    report = _last_json(_run_script("enroll", "--gallery", gallery, "--faces", str(faces), *MODEL, "--json"))
     assert report["faces"] == 9 and report["identities"] == 3
     again = _last_json(_run("enroll", "--gallery", gallery, "--faces", str(faces), *MODEL, "--json"))
     listing = _last_json(_run("ls", "--gallery", gallery, "--json"))
