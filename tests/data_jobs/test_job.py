@@ -195,7 +195,7 @@ def test_killed_commit_task_is_retried_and_commits_every_row_once(ray_local, sam
 
 
 def test_driver_killed_after_an_episode_committed_resumes_exactly_once_in_parquet_and_lance(
-        sample, clean_run, tmp_path):
+        ray_local, sample, clean_run, tmp_path):
     """SIGKILL of the driver once the first episode is committed (the other still embedding, its
     Lance append not made): the committed episode stays as it is, the resumed run embeds only the
     rest, and both sinks hold every row once, with a clean run's vectors."""
@@ -214,7 +214,8 @@ def test_driver_killed_after_an_episode_committed_resumes_exactly_once_in_parque
     progress = json.loads((out / "progress.json").read_text())
     assert progress["state"] == "running"  # a killed driver leaves the last running snapshot
     committed_files = {k: v for k, v in snapshot(out).items() if "ep000" in k and "_staging" not in k}
-    done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=600, env=env)
+    # the crash is a real process killed; the resume is a driver in this process, on the session's Ray
+    done = run_main(embed_episodes.main, [*cmd[3:], "--json"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     # the commit of ep001 may have been under way, on a worker the driver's death does not stop
@@ -229,7 +230,7 @@ def test_driver_killed_after_an_episode_committed_resumes_exactly_once_in_parque
     assert json.loads((out / "progress.json").read_text())["state"] == "done"
 
 
-def test_crashed_driver_resumes_without_loss_or_duplicates(sample, clean_run, tmp_path):
+def test_crashed_driver_resumes_without_loss_or_duplicates(ray_local, sample, clean_run, tmp_path):
     """SIGKILL of the driver mid-job, then: another model over its staging is refused (with the
     way out); the right one resumes, embeds only the missing rows (faces_per_s counts those),
     commits every row once with a clean run's vectors bit for bit, and cleans the staging and
@@ -252,15 +253,14 @@ def test_crashed_driver_resumes_without_loss_or_duplicates(sample, clean_run, tm
     orphan.write_bytes(b"partial")
 
     before = snapshot(out)
-    other = subprocess.run([*cmd, "--model", "synthetic:mobilefacenet@7"], capture_output=True, text=True,
-                           timeout=600, env=env)
+    # the crash is a real process killed; the later runs are drivers in this process (session's Ray)
+    other = run_main(embed_episodes.main, [*cmd[3:], "--model", "synthetic:mobilefacenet@7"])
     assert other.returncode == 2, other.stderr[-2000:]
     assert "interrupted run" in other.stderr and f"delete {out}/_staging" in other.stderr, other.stderr[-999:]
     assert "Traceback" not in other.stderr
     assert snapshot(out) == before, "a refused run must not touch the output"
 
-    done = subprocess.run([*cmd, "--model", MODEL, "--json"], capture_output=True, text=True, timeout=600,
-                          env=env)
+    done = run_main(embed_episodes.main, [*cmd[3:], "--model", MODEL, "--json"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     total = sample.decodable + sample.corrupt
@@ -278,8 +278,7 @@ def test_crashed_driver_resumes_without_loss_or_duplicates(sample, clean_run, tm
     leftover, data = next(iter(saved.items()))
     leftover.write_bytes(data)
     committed = {k: v for k, v in snapshot(out).items() if not k.startswith("_staging")}
-    again = subprocess.run([*cmd, "--model", MODEL, "--json"], capture_output=True, text=True, timeout=600,
-                           env=env)
+    again = run_main(embed_episodes.main, [*cmd[3:], "--model", MODEL, "--json"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["rows_processed"] == 0
     assert not leftover.exists() and foreign.exists()
