@@ -183,11 +183,17 @@ def read_staged(output: Location, files: list[str]) -> pa.Table | None:
 
 
 def delete_staged(output: Location, episode: str, files: list[str]) -> None:
-    """Delete the staging ``files`` a commit of ``episode`` read, then its directories if nothing
-    else is in them. Temporary files are left alone: while the job runs, a duplicate write (a
-    retried task) may be in the middle of one; ``remove_staging`` takes them when none can be."""
+    """Delete the staging ``files`` a commit of ``episode`` read, then its directory if nothing
+    else is in it. Temporary files are left alone: while the job runs, a duplicate write (a
+    retried task) may be in the middle of one; ``remove_staging`` takes them when none can be.
+    The ``_staging`` root stays while the job runs (the writes of other episodes create their
+    directories in it); ``remove_staging_root`` takes it at the end."""
     delete_files(output.fs, files)
     remove_dir_if_empty(staging_dir(output, episode))
+
+
+def remove_staging_root(output: Location) -> None:
+    """The ``_staging`` directory, if nothing is left in it. When no staging write is in flight."""
     remove_dir_if_empty(output.join(STAGING_DIR))
 
 

@@ -10,6 +10,7 @@ atomic per object).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import uuid
@@ -84,15 +85,26 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"  # matches TMP_NAME
-        with fs.open_output_stream(tmp) as fh:
+        with _open_in_new_dir(fs, parent, tmp) as fh:
             fh.write(data)
         fs.move(tmp, path)
     else:  # one PUT: the object appears whole or not at all
+        fs.create_dir(parent, recursive=True)
         with fs.open_output_stream(path) as fh:
             fh.write(data)
+
+
+def _open_in_new_dir(fs: pafs.FileSystem, parent: str, path: str, attempts: int = 5) -> pa.NativeFile:
+    """``path`` opened for writing, its directories made first. A directory another process
+    found empty and removed (``remove_dir_if_empty``) between the two steps is made again."""
+    for _ in range(attempts - 1):
+        with contextlib.suppress(FileNotFoundError):
+            fs.create_dir(parent, recursive=True)
+            return fs.open_output_stream(path)
+    fs.create_dir(parent, recursive=True)
+    return fs.open_output_stream(path)
 
 
 def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
@@ -110,12 +122,27 @@ def delete_files(fs: pafs.FileSystem, paths: list[str]) -> None:
 
 def remove_dir_if_empty(loc: Location) -> None:
     """Remove the directory ``loc`` only if nothing is left in it: a file this job did not
-    write (someone's notes, another tool's output) keeps it, and is never deleted."""
+    write (someone's notes, another tool's output) keeps it, and is never deleted.
+
+    On a local disk this is one ``rmdir``, which refuses a non-empty directory by itself: a
+    check followed by ``delete_dir`` (recursive) would delete a file written in between, and
+    two callers removing the same directory would fail the second. An object store has no
+    directories to race on, only a marker object, so it keeps the check."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        try:
+            os.rmdir(loc.path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        return
     info = loc.fs.get_file_info(loc.path)
     if info.type != pafs.FileType.Directory:
         return
     if not loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)):
-        loc.fs.delete_dir(loc.path)
+        with contextlib.suppress(FileNotFoundError):
+            loc.fs.delete_dir(loc.path)
 
 
 def orphan_tmp_files(loc: Location) -> list[str]:
