@@ -49,9 +49,17 @@ from .decode import DecodeLimits
 from .progress import Progress
 from .quality import TemplatePolicy
 from .scheduler import CommitScheduler
-from .settings import EpisodeJobSettings
+from .settings import EpisodeJobSettings, local_ray_system_config
 from .sources import InputIndex, discover, make_uid
-from .staging import STAGING_DIR, StagedEpisode, StagingDatasink, list_staged, remove_staging, staged_files
+from .staging import (
+    STAGING_DIR,
+    StagedEpisode,
+    StagingDatasink,
+    list_staged,
+    remove_staging,
+    remove_staging_root,
+    staged_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +119,8 @@ def _ensure_ray(settings: EpisodeJobSettings) -> None:
         if address:
             ray.init(address=address)
         else:
-            ray.init(include_dashboard=False, object_store_memory=512 << 20)
+            ray.init(include_dashboard=False, object_store_memory=512 << 20,
+                     _system_config=local_ray_system_config(settings))
     # also when a caller (the demo, a notebook) started Ray: the job's own stall timeout applies
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = settings.execution_no_progress_timeout_s
@@ -267,6 +276,7 @@ def _clean_leftovers(output: Location, episodes: list[str], committed: set[str])
             logger.info("removing the leftover staging of committed episode %s (%d files)", episode,
                         len(files))
         remove_staging(output, episode, files)
+    remove_staging_root(output)
     delete_files(output.fs, orphan_tmp_files(output))
 
 

@@ -59,6 +59,13 @@ class EpisodeJobSettings:
     # Store commits (fragment metadata only: vectors are written by the commit tasks) batch the
     # episodes committed in this many seconds into one version of each table.
     lance_commit_interval_s: float = field(default=5.0, metadata={"min": 0.0})
+    # The worker pool of a local Ray the job starts itself (no RAY_ADDRESS): Ray keeps at most
+    # num_cpus idle workers and kills the others after 1 s idle, while the job's fractional-CPU
+    # tasks (decode 0.5, write and commit 0.25) run up to 8 at once on 2 CPUs, so workers were
+    # killed and restarted (imports: seconds of CPU each) all job long. Keep up to this many,
+    # idle this long. On a cluster, set them where the raylets start (README "Offline job").
+    local_worker_soft_limit: int = field(default=16, metadata={"min": 1})
+    local_idle_worker_keep_s: float = field(default=600.0, metadata={"min": 1.0})
 
 
 def load_job_settings(path: str | Path | None = None, **overrides: Any) -> EpisodeJobSettings:
@@ -77,3 +84,11 @@ def load_job_settings(path: str | Path | None = None, **overrides: Any) -> Episo
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return settings
+
+
+def local_ray_system_config(settings: EpisodeJobSettings) -> dict[str, int]:
+    """Ray ``_system_config`` of a local Ray the job starts: its worker pool kept alive."""
+    return {
+        "num_workers_soft_limit": settings.local_worker_soft_limit,
+        "idle_worker_killing_time_threshold_ms": int(settings.local_idle_worker_keep_s * 1000),
+    }

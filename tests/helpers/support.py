@@ -49,13 +49,18 @@ def init_local_ray(metrics_port: int) -> None:
     """The session's local Ray: 2 CPUs, no dashboard, small object store, metrics every second."""
     import ray
 
+    from data_jobs.settings import load_job_settings, local_ray_system_config
+
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=200 << 20,
         namespace="arcface-tests",
         _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
+        # the job's local worker pool too (data_jobs.settings.local_ray_system_config): tasks'
+        # workers kept instead of restarted, as a job that starts its own Ray has them
+        _system_config={"metrics_report_interval_ms": 1000,
+                        **local_ray_system_config(load_job_settings())},
         log_to_driver=False,
     )
     _LOCAL_RAY["metrics_port"] = metrics_port
