@@ -90,18 +90,25 @@ def _batches(faces_per_request: int, count: int = 16) -> list[np.ndarray]:
     return [pool[rng.choice(len(pool), faces_per_request, replace=False)] for _ in range(count)]
 
 
+# How long a refused worker waits when the answer names no time (a gRPC UNAVAILABLE): what the
+# service's Retry-After says by default (serve_app.errors.DEFAULT_RETRY_AFTER_S rounded up).
+REFUSAL_WAIT_S = 1.0
+Outcome = tuple[int | str, float | None]  # status (200, a code or its name), seconds to wait first
+
+
 class _HttpSender:
-    """One embed over HTTP through ``AsyncEmbeddingClient``: 200, or the refusal's status."""
+    """One embed over HTTP through ``AsyncEmbeddingClient``: 200, or the refusal's status and
+    the ``Retry-After`` it came with."""
 
     def __init__(self, client: AsyncEmbeddingClient, batches: list[np.ndarray]) -> None:
         self.client, self.batches = client, batches
 
-    async def __call__(self, worker: int, k: int) -> int | str:
+    async def __call__(self, worker: int, k: int) -> Outcome:
         try:
             await self.client.embed(self.batches[k])
-            return 200
+            return 200, None
         except ServiceError as exc:
-            return exc.status or exc.reason
+            return exc.status or exc.reason, exc.retry_after_s
 
     async def close(self) -> None:
         return None
@@ -128,15 +135,16 @@ class _GrpcSender:
         self.requests = [(pb.EmbedBatchRequest(crops=b.tobytes(), encoding=self.encoding), len(b))
                          for b in batches]
 
-    async def __call__(self, worker: int, k: int) -> int | str:
+    async def __call__(self, worker: int, k: int) -> Outcome:
         request, faces = self.requests[k]
         try:
             reply = await self.stubs[worker % len(self.stubs)].EmbedBatch(request, metadata=self.metadata,
                                                                            timeout=120)
         except self.error as exc:
-            return exc.code().name
+            name = exc.code().name
+            return name, REFUSAL_WAIT_S if name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") else None
         decode_embed_response(reply, faces)  # raises on an answer that does not add up
-        return 200
+        return 200, None
 
     async def close(self) -> None:
         for channel in self.channels:
@@ -148,7 +156,10 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
                 grpc: GrpcLoad | None = None) -> tuple[LoadResult, dict, dict]:
     """Closed-loop load: HTTP through ``client.AsyncEmbeddingClient`` (``body`` and ``accept``
     as its ``transport`` and ``accept``), or gRPC ``EmbedBatch`` (``grpc``); no retries: a
-    refusal is counted, by status, as the service's answer. ``/v1/info`` over HTTP either way."""
+    refusal is counted, by status, as the service's answer, and its worker then waits what the
+    refusal asks (``Retry-After``; ``REFUSAL_WAIT_S`` for a gRPC ``UNAVAILABLE``), as a
+    well-behaved client does. Sending again at once would measure a loop of refusals spending
+    the proxy's CPU, not what the service sustains. ``/v1/info`` over HTTP either way."""
     batches = _batches(faces_per_request)
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -163,15 +174,15 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
             k = i
             while time.perf_counter() < until:
                 started = time.perf_counter()
-                status = await send(i, k % len(batches))
+                status, wait_s = await send(i, k % len(batches))
                 k += 1
-                if not record:
-                    continue
-                if status == 200:
+                if record and status == 200:
                     latencies.append(time.perf_counter() - started)
                     done_faces += faces_per_request
-                else:
+                elif record:
                     errors[str(status)] = errors.get(str(status), 0) + 1
+                if wait_s:
+                    await asyncio.sleep(max(0.0, min(wait_s, until - time.perf_counter())))
 
         try:
             before = await client.info()  # also the client's request limit and contract

@@ -20,6 +20,7 @@ from serve_app.errors import RequestError
 from serve_app.identify import GalleryHolder
 from serve_app.protos import embedding_pb2 as pb
 from serve_app.protos import embedding_pb2_grpc as pb_grpc
+from serve_app.timing import TIMING_HEADERS
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +61,8 @@ def test_http_identify_names_held_out_jitters_and_a_stranger_is_unknown(service)
     body = _crops_body(crops, threshold=THRESHOLD, top_k=3)
     resp = requests.post(url + "/v1/identify", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
+    timing = {k: float(resp.headers[k]) for k in TIMING_HEADERS}  # identify is timed as embed is
+    assert timing["x-batch-faces"] >= 1 and timing["x-compute-time"] > 0, timing
     body = resp.json()
     assert [r["identity"] for r in body["results"]] == expected
     assert [r["match"] for r in body["results"]] == [True] * 6 + [False]
@@ -77,8 +80,11 @@ def test_grpc_identify(service, serve_endpoints):
     crops, expected = _probes()
     with grpc.insecure_channel(serve_endpoints.grpc) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
-        resp = stub.Identify(pb.IdentifyRequest(crops=crops.tobytes(), threshold=THRESHOLD, top_k=2),
-                             metadata=(("application", APP),), timeout=60)
+        resp, call = stub.Identify.with_call(
+            pb.IdentifyRequest(crops=crops.tobytes(), threshold=THRESHOLD, top_k=2),
+            metadata=(("application", APP),), timeout=60)
+        trailing = dict(call.trailing_metadata())
+        assert set(TIMING_HEADERS) <= set(trailing) and float(trailing["x-compute-time"]) > 0, trailing
         assert [r.identity for r in resp.results] == expected
         assert all(len(r.candidates) == 2 for r in resp.results) and resp.gallery_identities == 6
         with pytest.raises(grpc.RpcError) as err:
