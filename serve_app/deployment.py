@@ -58,6 +58,7 @@ from .errors import ErrorReporter, RequestError, bind_reporter, grpc_method, ins
 from .identify import GalleryHolder, identify_params, split_identify_payload
 from .metrics import ServiceMetrics
 from .multipart import plan_multipart
+from .origin import check_same_origin
 from .protos import embedding_pb2 as pb
 from .schemas import MULTIPART, install_openapi
 from .settings import BatchingConfig, TokenAuth, parse_settings, parse_user_config
@@ -266,6 +267,8 @@ class EmbeddingDeployment:
         timing = RequestTiming()
         self._check_auth(request.headers.get("authorization"))
         ctype = self._content_type(request, (_JSON, NPY_MEDIA_TYPE, MULTIPART))
+        if ctype == MULTIPART:
+            check_same_origin(request.headers)
         encoding = requested_encoding(request.query_params)
         self.admission.check_open()
         body = await self._read_body(request)

@@ -33,6 +33,7 @@ REASONS: dict[str, int] = {
     "bad_json": 400, "bad_base64": 400, "bad_npy": 400, "bad_protobuf": 400, "bad_multipart": 400,
     "bad_request": 400,
     "unauthorized": 401,
+    "cross_origin": 403,
     "not_found": 404, "method_not_allowed": 405, "timeout": 408,
     "contract_mismatch": 409,
     "body_too_large": 413, "too_many_faces": 413, "image_too_large": 413, "request_too_large": 413,
@@ -214,7 +215,8 @@ def grpc_code(status: int):
 
     return {
         400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-        404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+        403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+        408: grpc.StatusCode.DEADLINE_EXCEEDED,
         409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
         500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
     }.get(status, grpc.StatusCode.INVALID_ARGUMENT)

@@ -213,7 +213,8 @@ ROUTES: list[RouteDoc] = [
     RouteDoc("/v1/embed", "post",
              requests={JSON: EmbedImagesRequest | EmbedCropsRequest, NPY_MEDIA_TYPE: BINARY,
                        MULTIPART: EmbedMultipartRequest},
-             responses={JSON: EmbedResponse, NPY_MEDIA_TYPE: BINARY}, errors=_FACE_ERRORS, timing=True,
+             responses={JSON: EmbedResponse, NPY_MEDIA_TYPE: BINARY}, errors=(*_FACE_ERRORS[:2], 403,
+                                                                              *_FACE_ERRORS[2:]), timing=True,
              query={"encoding": _ENCODING_PARAM}),
     RouteDoc("/v1/compare", "post", requests={JSON: CompareRequest}, responses={JSON: CompareResponse},
              errors=(*_FACE_ERRORS[:2], 409, *_FACE_ERRORS[2:]), timing=True),
@@ -305,6 +306,7 @@ def build_openapi(base: dict[str, Any]) -> dict[str, Any]:
 
 _STATUS_TEXT = {
     400: "malformed body (JSON, base64, npy, multipart)", 401: "missing or wrong bearer token",
+    403: "a multipart upload from a web page of another origin (a cross-site form)",
     409: "contract mismatch", 413: "too large (body, faces, image or decode budget)",
     415: "unsupported media type or image format", 422: "well-formed but unusable input",
     500: "internal error (an id to find in the replica log)",

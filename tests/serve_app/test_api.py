@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -208,6 +209,12 @@ MULTIPART_ONLY = [
         "content-type": "multipart/form-data; boundary=xyz"}}, 400, "bad_multipart", "multipart"),
     ("no boundary", {"data": b"x", "headers": {"content-type": "multipart/form-data"}}, 400, "bad_multipart",
      "boundary"),
+    # a cross-site form (issue 18's content-type rule, for the one type such a form can send)
+    ("from another site's page", {"files": [("images", _png(_PHOTO.crop))],
+                                  "headers": {"origin": "https://elsewhere.example"}}, 403, "cross_origin",
+     "elsewhere.example"),
+    ("from an opaque origin", {"files": [("images", _png(_PHOTO.crop))], "headers": {"origin": "null"}}, 403,
+     "cross_origin", "null"),
 ]
 
 
@@ -229,6 +236,14 @@ def test_bad_multipart_gets_a_precise_4xx(url, faces, kwargs, status, reason, fr
     ok = requests.post(url + "/v1/embed", data=encode_npy(faces[:1]),
                        headers={"content-type": NPY_MEDIA_TYPE}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_a_multipart_upload_from_the_services_own_page_is_taken(url):
+    own = "http://" + urlsplit(url).netloc  # what a browser sends from a page this service serves
+    resp = requests.post(url + "/v1/embed", files=[("images", _png(_PHOTO.crop))], headers={"origin": own},
+                         timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["embeddings"]) == 1
 
 
 def test_a_multipart_body_over_the_limit_is_refused_before_parsing(serve_endpoints):

@@ -109,7 +109,7 @@ def test_messages_are_always_encodable():
 
 
 def test_every_reason_has_its_status_and_503s_say_when_to_retry():
-    assert set(REASONS.values()) <= {400, 401, 404, 405, 408, 409, 413, 415, 422, 500, 503}
+    assert set(REASONS.values()) <= {400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 500, 503}
     assert error_headers(503, 2.2) == {"Retry-After": "3"}
     assert error_headers(401) == {"WWW-Authenticate": "Bearer"}
 

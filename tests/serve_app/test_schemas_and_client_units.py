@@ -101,3 +101,26 @@ def test_grpc_answers_decode_in_either_encoding_and_bad_ones_are_refused():
         decode_embed_response(packed, 4)
     with pytest.raises(ValueError, match="encoding 5"):
         decode_embed_response(pb.EmbedResponse(dim=8, encoding=5))
+
+
+@pytest.mark.parametrize(("headers", "allowed"), [
+    ({}, True),  # not a browser: curl -F, serve_app.client
+    ({"origin": "http://127.0.0.1:8000", "host": "127.0.0.1:8000"}, True),  # a page the service serves
+    ({"origin": "https://Faces.Example", "host": "faces.example"}, True),
+    ({"origin": "https://faces.example", "host": "10.0.0.5:8000", "x-forwarded-host": "faces.example"}, True),
+    ({"origin": "https://elsewhere.example", "host": "faces.example"}, False),
+    ({"origin": "http://127.0.0.1:9999", "host": "127.0.0.1:8000"}, False),  # another port, another origin
+    ({"origin": "null", "host": "faces.example"}, False),  # a sandboxed frame or a file: page
+    ({"origin": "http://[::1", "host": "faces.example"}, False),  # malformed
+    ({"origin": "https://faces.example"}, False),  # no Host to be the same as
+])
+def test_only_the_services_own_origin_may_post_multipart(headers, allowed):
+    from serve_app.origin import check_same_origin
+
+    if allowed:
+        check_same_origin(headers)
+        return
+    with pytest.raises(RequestError) as err:
+        check_same_origin(headers)
+    assert (err.value.status, err.value.reason) == (403, "cross_origin")
+    assert headers["origin"][:20] in err.value.message
