@@ -35,6 +35,7 @@ from .client import (
     decode_embed_response,
     grpc_metadata,
 )
+from .errors import DEFAULT_RETRY_AFTER_S, RETRYABLE_STATUSES
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +91,7 @@ def _batches(faces_per_request: int, count: int = 16) -> list[np.ndarray]:
     return [pool[rng.choice(len(pool), faces_per_request, replace=False)] for _ in range(count)]
 
 
-# How long a refused worker waits when the answer names no time (a gRPC UNAVAILABLE): what the
-# service's Retry-After says by default (serve_app.errors.DEFAULT_RETRY_AFTER_S rounded up).
-REFUSAL_WAIT_S = 1.0
-Outcome = tuple[int | str, float | None]  # status (200, a code or its name), seconds to wait first
+Outcome = tuple[int | str, float | None]  # status (200, a code or its name), the Retry-After it gave
 
 
 class _HttpSender:
@@ -141,8 +139,7 @@ class _GrpcSender:
             reply = await self.stubs[worker % len(self.stubs)].EmbedBatch(request, metadata=self.metadata,
                                                                            timeout=120)
         except self.error as exc:
-            name = exc.code().name
-            return name, REFUSAL_WAIT_S if name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") else None
+            return exc.code().name, None  # gRPC refusals carry no Retry-After
         decode_embed_response(reply, faces)  # raises on an answer that does not add up
         return 200, None
 
@@ -157,9 +154,10 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
     """Closed-loop load: HTTP through ``client.AsyncEmbeddingClient`` (``body`` and ``accept``
     as its ``transport`` and ``accept``), or gRPC ``EmbedBatch`` (``grpc``); no retries: a
     refusal is counted, by status, as the service's answer, and its worker then waits what the
-    refusal asks (``Retry-After``; ``REFUSAL_WAIT_S`` for a gRPC ``UNAVAILABLE``), as a
-    well-behaved client does. Sending again at once would measure a loop of refusals spending
-    the proxy's CPU, not what the service sustains. ``/v1/info`` over HTTP either way."""
+    refusal asks when it is a retryable one (503 or ``UNAVAILABLE``: its ``Retry-After``, else
+    the service's default), as a well-behaved client does. Sending again at once would measure
+    a loop of refusals spending the proxy's CPU, not what the service sustains. ``/v1/info``
+    over HTTP either way."""
     batches = _batches(faces_per_request)
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -174,14 +172,15 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
             k = i
             while time.perf_counter() < until:
                 started = time.perf_counter()
-                status, wait_s = await send(i, k % len(batches))
+                status, retry_after_s = await send(i, k % len(batches))
                 k += 1
                 if record and status == 200:
                     latencies.append(time.perf_counter() - started)
                     done_faces += faces_per_request
                 elif record:
                     errors[str(status)] = errors.get(str(status), 0) + 1
-                if wait_s:
+                if status in RETRYABLE_STATUSES or status == "UNAVAILABLE":
+                    wait_s = retry_after_s or DEFAULT_RETRY_AFTER_S
                     await asyncio.sleep(max(0.0, min(wait_s, until - time.perf_counter())))
 
         try:
