@@ -14,8 +14,10 @@ excluded; engines/bench/cpu_cost.py):
   faces by default).
 
 With the probe the engine costs next to nothing, so the CPU per face is the shell's, and
-``faces_per_cpu_s`` is what one core of shell sustains; a GPU embedding ``G`` faces/s needs
-``G / faces_per_cpu_s`` cores of it. ``--readme`` writes that table between the
+``steady_faces_per_cpu_s`` is what one core of shell sustains; a GPU embedding ``G`` faces/s
+needs ``G / steady_faces_per_cpu_s`` cores of it. ``steady``: without the CPU Ray's worker
+processes spend starting (``worker_start``, a fixed cost per process that a long job pays
+once), which the table gives in its own column. ``--readme`` writes that table between the
 ``<!-- shell-capacity:begin -->`` / ``end`` markers, with the command and the CPU.
 
     python scripts/shell_capacity.py --out out/shell-capacity --readme README.md
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from engines import cpu_model_name, replace_readme_section
+from engines.bench.cpu_cost import WORKER_START
 
 logger = logging.getLogger("shell_capacity")
 
@@ -109,38 +112,45 @@ def capacity(results: dict[str, dict[str, Any]], gpu_fps: list[float]) -> dict[s
     """Per path: faces one core of shell sustains, and the cores a GPU of each rate needs."""
     table = {}
     for path, r in results.items():
-        per_core = (r.get("shell_cpu") or {}).get("faces_per_cpu_s")
+        shell = r.get("shell_cpu") or {}
+        per_core = shell.get("steady_faces_per_cpu_s", shell.get("faces_per_cpu_s"))
         table[path] = {"faces_per_cpu_s": per_core,
                        "cores_per_gpu": {str(int(g)): (g / per_core if per_core else None) for g in gpu_fps}}
     return table
 
 
 def _top_roles(shell: dict[str, Any], n: int = 3) -> str:
-    roles = sorted(shell.get("cpu_ms_per_face_by_role", {}).items(), key=lambda kv: -kv[1])[:n]
+    by_role = shell.get("cpu_ms_per_face_by_role", {})
+    roles = sorted(((k, v) for k, v in by_role.items() if k != WORKER_START), key=lambda kv: -kv[1])[:n]
     return ", ".join(f"{k} {v:.2f}" for k, v in roles)
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The README section: the table, then how it was made."""
     gpus = [str(int(g)) for g in report["gpu_fps"]]
-    head = ("| path | faces/s here | shell CPU ms per face (largest roles) | faces per core of shell | "
+    head = ("| path | faces/s here | shell CPU ms per face (largest roles) | "
+            "workers starting, CPU-s per run | faces per core of shell | "
             + " | ".join(f"cores per GPU at {int(g):,} faces/s" for g in report["gpu_fps"]) + " |")
-    rows = [head, "|" + "---|" * (4 + len(gpus))]
+    rows = [head, "|" + "---|" * (5 + len(gpus))]
     for path, r in report["results"].items():
         cap = report["capacity"][path]
         shell = r["shell_cpu"] or {}
         cores = " | ".join("-" if cap["cores_per_gpu"][g] is None else f"{cap['cores_per_gpu'][g]:.1f}"
                            for g in gpus)
+        per_face = shell.get("steady_cpu_ms_per_face", shell.get("cpu_ms_per_face")) or 0
         rows.append(f"| {_TITLES.get(path, path)} | {r['faces_per_s']:.0f} | "
-                    f"{shell.get('cpu_ms_per_face', 0):.3f} ({_top_roles(shell)}) | "
+                    f"{per_face:.3f} ({_top_roles(shell)}) | {shell.get('startup_cpu_s', 0):.1f} | "
                     f"{cap['faces_per_cpu_s'] or 0:.0f} | {cores} |")
     s = report["settings"]
     rows += ["", f"Measured {report['date']} on {report['cpu']} ({report['cpus']} cores) with "
              f"`{report['command']}`: model `{s['model']}` on `{s['backend']}` (a zero-cost engine: the "
              f"CPU is the shells'), {s['concurrency']} clients x {s['faces_per_request']} faces per "
              f"request for {s['duration']} s per service path, {s['episodes']} x {s['tracks']} x "
-             f"{s['frames']} faces for the job. Cores per GPU = the GPU's faces/s / faces per core of "
-             f"shell; raw figures in `{report['out']}/report.json`."]
+             f"{s['frames']} faces for the job. CPU per face and faces per core leave out the CPU Ray's "
+             f"worker processes spend starting (Python, `ray`, `ray.data` imported before their first "
+             f"task: fixed per process, paid once however long the job), given in its own column. "
+             f"Cores per GPU = the GPU's faces/s / faces per core of shell; raw figures in "
+             f"`{report['out']}/report.json`."]
     return "\n".join(rows)
 
 

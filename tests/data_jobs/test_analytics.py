@@ -85,13 +85,15 @@ def watched(ray_local, synthetic, tmp_path_factory):
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and thread.is_alive():
             done = committed_episodes(out)
-            progress = Path(out) / "progress.json"
-            if len(done) >= 2 and progress.exists():
+            progress = _read_progress(Path(out) / "progress.json")
+            # progress.json is rewritten on its own clock and may lag the commits: while the held
+            # episode waits there is time for it to catch up, so wait for it rather than race it
+            if len(done) >= 2 and progress.get("episodes_committed", 0) >= 1:
                 seen = {
                     "episodes": done,
                     "rows": read_committed(out),
                     "alive": thread.is_alive(),
-                    "progress": json.loads(progress.read_text()),
+                    "progress": progress,
                     "store": _store_rows(store),
                 }
                 break
@@ -102,6 +104,10 @@ def watched(ray_local, synthetic, tmp_path_factory):
         ctx.execution_options.preserve_order = before
     assert "report" in box, "the job did not finish"
     return {"out": out, "store": store, "report": box["report"], "seen": seen, "policy": job.settings}
+
+
+def _read_progress(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _store_rows(store: str) -> int:

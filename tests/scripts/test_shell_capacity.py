@@ -18,11 +18,17 @@ sys.modules["shell_capacity"] = shell_capacity
 _spec.loader.exec_module(shell_capacity)
 
 
-def _result(faces_per_cpu_s: float | None) -> dict:
-    shell = None if faces_per_cpu_s is None else {
-        "cpu_ms_per_face": 1000 / faces_per_cpu_s, "faces_per_cpu_s": faces_per_cpu_s,
-        "cpu_ms_per_face_by_role": {"replica": 0.5, "proxy": 0.3, "ray_system": 0.1,
-                                    "serve_controller": 0.01}}
+def _result(faces_per_cpu_s: float | None, startup_cpu_s: float = 0.0) -> dict:
+    """A run of 1000 faces whose steady shell sustains ``faces_per_cpu_s``, plus workers starting."""
+    shell = None
+    if faces_per_cpu_s is not None:
+        steady_s = 1000 / faces_per_cpu_s
+        shell = {
+            "cpu_ms_per_face": steady_s + startup_cpu_s, "faces_per_cpu_s": 1000 / (steady_s + startup_cpu_s),
+            "startup_cpu_s": startup_cpu_s, "steady_cpu_ms_per_face": steady_s,
+            "steady_faces_per_cpu_s": faces_per_cpu_s,
+            "cpu_ms_per_face_by_role": {"replica": 0.5, "proxy": 0.3, "ray_system": 0.1,
+                                        "serve_controller": 0.01, "worker_start": startup_cpu_s}}
     return {"faces": 1000, "faces_per_s": 500.0, "ratio_to_inprocess": 0.5, "shell_cpu": shell}
 
 
@@ -43,8 +49,13 @@ def test_cores_per_gpu_is_the_gpus_rate_over_one_cores_faces():
     assert table["grpc"]["cores_per_gpu"] == {"10000": None, "30000": None}  # nothing measured: no claim
 
 
+def test_capacity_leaves_out_the_workers_start_up_a_long_job_pays_once():
+    table = shell_capacity.capacity({"job": _result(2500.0, startup_cpu_s=3.0)}, [10000.0])
+    assert table["job"] == {"faces_per_cpu_s": 2500.0, "cores_per_gpu": {"10000": 4.0}}
+
+
 def test_the_readme_section_is_replaced_between_its_markers(tmp_path):
-    results = {"http-npy": _result(2500.0), "job": _result(1000.0)}
+    results = {"http-npy": _result(2500.0), "job": _result(1000.0, startup_cpu_s=3.0)}
     settings = {"model": "synthetic:probe", "backend": "onnx", "concurrency": 16, "faces_per_request": 8,
                 "duration": 10.0, "episodes": 8, "tracks": 8, "frames": 100}
     capacity = shell_capacity.capacity(results, [10000.0])
@@ -53,9 +64,11 @@ def test_the_readme_section_is_replaced_between_its_markers(tmp_path):
               "command": "python scripts/shell_capacity.py", "settings": settings}
     text = shell_capacity.markdown(report)
     row = ("| HTTP, `.npy` body and answer | 500 | 0.400 (replica 0.50, proxy 0.30, ray_system 0.10) | "
-           "2500 | 4.0 |")
+           "0.0 | 2500 | 4.0 |")
     assert row in text
-    assert "| offline job (`embed-episodes`) | 500 | 1.000" in text and "10.0 |" in text
+    # the start-up in its own column, not in the per-face figure nor in its largest roles
+    assert ("| offline job (`embed-episodes`) | 500 | 1.000 (replica 0.50, proxy 0.30, ray_system 0.10) | "
+            "3.0 | 1000 | 10.0 |") in text
     assert "Some CPU (2 cores)" in text and "`python scripts/shell_capacity.py`" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{shell_capacity.BEGIN}\nold\n{shell_capacity.END}\nafter\n")
