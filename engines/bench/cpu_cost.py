@@ -181,7 +181,7 @@ class CpuSampler:
         role = role_of(title)
         if role == IDLE:
             return IDLE if process in self._worked else WORKER_START
-        if title.startswith("ray::"):
+        if role != RAY_SYSTEM:  # a Ray title naming what the process runs
             self._worked.add(process)
         return role
 
