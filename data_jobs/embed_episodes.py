@@ -12,7 +12,15 @@ import json
 import logging
 import sys
 
-from engines import ConfigError, cpu_summary, load_config, locate, run_with_exit_codes
+from engines import (
+    ConfigError,
+    cpu_summary,
+    load_config,
+    locate,
+    ratio_parts,
+    ratio_summary,
+    run_with_exit_codes,
+)
 
 from .job import JobReport, JobSpec, _engine_overrides, inprocess_reference, run_job
 from .job import __doc__ as JOB_DOC
@@ -138,6 +146,8 @@ def format_report(r: JobReport) -> str:
         lines.append(
             f"in-process engine {r.inprocess_fps:.1f} faces/s; job / in-process = {r.ratio_to_inprocess:.2f}"
         )
+    if r.ratio_parts:
+        lines.append(f"why       {ratio_summary(r.ratio_parts)}")
     return "\n".join(lines)
 
 
@@ -149,9 +159,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         index = discover(
             locate(spec.input, cfg.storage.endpoint_url, cfg.storage.region), spec.settings.image_extensions
         )
-        report.inprocess_fps = inprocess_reference(spec, index, spec.settings.batch_size, cfg=cfg)
+        engine_cpu = inprocess_reference(spec, index, spec.settings.batch_size, cfg=cfg)
+        report.inprocess_fps = engine_cpu.faces / engine_cpu.wall_s if engine_cpu.wall_s > 0 else 0.0
         if report.inprocess_fps > 0:  # zero where no input decoded: nothing to compare
             report.ratio_to_inprocess = report.faces_per_s / report.inprocess_fps
+            shell = report.shell_cpu or {}
+            report.ratio_parts = ratio_parts(engine_cpu, shell.get("cpu_ms_per_face"),
+                                             shell.get("cores_busy"), shell.get("steady_cpu_ms_per_face"))
     print(format_report(report), flush=True)
     if args.json:
         print(json.dumps(report.to_dict()), flush=True)

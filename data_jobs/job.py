@@ -34,6 +34,7 @@ from engines import (
     ConfigError,
     CpuSampler,
     Location,
+    ProcessCpu,
     check_output_dir,
     configured_model,
     delete_files,
@@ -85,6 +86,9 @@ class JobReport:
     lance: dict[str, Any] | None = None  # the store: uri, episodes appended / backfilled, tracks indexed
     inprocess_fps: float | None = None
     ratio_to_inprocess: float | None = None
+    # the ratio's two factors (engines.bench.ratio): the engine's share of the CPU the job spent
+    # per face, and the cores the job kept busy against in-process
+    ratio_parts: dict[str, Any] | None = None
     # CPU of the driver's process tree (a local cluster started here: actors, tasks, raylet) from
     # the cluster's start to the job's end, by role, per face embedded (engines.bench.cpu_cost);
     # on a cluster this run did not start, the driver's only
@@ -428,8 +432,9 @@ def _report(spec, input_loc, output, index, committed, results, rows_processed, 
 
 
 def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit: int = 2048,
-                        cfg=None) -> float:
-    """The same engine in this process on the same (decoded) crops: faces/s of encode alone."""
+                        cfg=None) -> ProcessCpu:
+    """The same engine in this process on the same (decoded) crops: encode alone, its faces, wall
+    time and CPU (the engine's thread pool included), for faces/s and CPU per face."""
     from engines import load_engine
 
     from .decode import decode_batch
@@ -451,7 +456,7 @@ def inprocess_reference(spec: JobSpec, index: InputIndex, batch_size: int, limit
     crops = decoded["crop"][np.array([not e for e in decoded["error"]])]
     engine = load_engine(cfg)
     engine.encode(crops[:batch_size])
-    started = time.perf_counter()
-    for i in range(0, len(crops), batch_size):
-        engine.encode(crops[i : i + batch_size])
-    return len(crops) / (time.perf_counter() - started)
+    with ProcessCpu(faces=len(crops)) as cpu:
+        for i in range(0, len(crops), batch_size):
+            engine.encode(crops[i : i + batch_size])
+    return cpu

@@ -15,6 +15,7 @@ from .base.contract import EmbeddingEngine, EngineInfo, embedding_contract_id, m
 from .base.image import ALLOWED_FORMATS, ImageRejected, check_image_header, decode_image
 from .base.preprocess import FACE_SIZE
 from .bench.cpu_cost import CpuCost, CpuSampler, cpu_summary
+from .bench.ratio import ProcessCpu, ratio_parts, ratio_summary
 from .bench.render import replace_readme_section
 from .cli.common import (
     EXIT_BAD_INPUT,
@@ -112,6 +113,7 @@ __all__ = [
     "Location",
     "Matches",
     "ModelResolutionError",
+    "ProcessCpu",
     "ResolvedModel",
     "SampleGallery",
     "SourceFace",
@@ -153,6 +155,8 @@ __all__ = [
     "orphan_tmp_files",
     "positive_int",
     "positive_ints",
+    "ratio_parts",
+    "ratio_summary",
     "read_bytes",
     "read_yaml_mapping",
     "register",

@@ -68,14 +68,22 @@ def cpu_flags() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_model_name() -> str:
+def cpu_model_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, for a measurement's record. A virtual machine's can be generic ("AMD
+    EPYC" on Zen 3, 4 and 5 alike): with no digit in it, the family and model numbers are added,
+    which tell those apart."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if not any(c.isdigit() for c in name) and fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def cpu_has_bf16() -> bool:

@@ -20,7 +20,15 @@ processes spend starting (``worker_start``, a fixed cost per process that a long
 once), which the table gives in its own column. ``--readme`` writes that table between the
 ``<!-- shell-capacity:begin -->`` / ``end`` markers, with the command and the CPU.
 
-    python scripts/shell_capacity.py --out out/shell-capacity --readme README.md
+``--ratio-model`` (a real model, e.g. ``synthetic:mobilefacenet``) then runs each path again with
+it and adds why its ratio to the in-process engine is what it is on this machine: the engine's
+share of all the CPU the run spent per face, times the cores the run kept busy against
+in-process (engines/bench/ratio.py), and what everything but the engine may cost per face for a
+ratio of 0.95. ``--readme`` writes that table between the ``<!-- shell-ratio:begin -->`` / ``end``
+markers.
+
+    python scripts/shell_capacity.py --out out/shell-capacity --readme README.md \
+        --ratio-model synthetic:mobilefacenet
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from engines.bench.cpu_cost import WORKER_START
 logger = logging.getLogger("shell_capacity")
 
 BEGIN, END = "<!-- shell-capacity:begin -->", "<!-- shell-capacity:end -->"
+RATIO_BEGIN, RATIO_END = "<!-- shell-ratio:begin -->", "<!-- shell-ratio:end -->"
+RATIO_AIM = 0.95  # issue 12's aim for the service at 8 faces per request
 PATHS = ("http-npy", "http-json", "http-base64", "grpc", "job")
 _SERVE_ENCODINGS = {"http-npy": ("npy", "npy"), "http-json": ("json", "json"),
                     "http-base64": ("json", "base64")}  # bench-serve --body, --accept
@@ -85,18 +95,25 @@ def serve_command(path: str, args: argparse.Namespace) -> list[str]:
     return [*cmd, "--body", body, "--accept", accept]
 
 
+def model_env(env: dict[str, str], model: str, backend: str | None) -> dict[str, str]:
+    """The environment the commands read the model from (``backend`` None: the config's chain)."""
+    out = {k: v for k, v in env.items() if k != "ARCFACE_BACKEND"}
+    return {**out, "ARCFACE_MODEL": model, **({"ARCFACE_BACKEND": backend} if backend else {})}
+
+
 def measure_job(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
     sample = _run_json(_arcface(
         "sample-episodes", "--out", str(workdir / "sample"), "--episodes", str(args.episodes),
         "--tracks", str(args.tracks), "--frames", str(args.frames), "--json"), env, 600)
     report = _run_json(_arcface(
         "embed-episodes", "--input", sample["directory"], "--output", str(workdir / "out"),
-        "--model", args.model, "--backend", args.backend, "--compare-inprocess", "--json"), env, 1800)
+        "--compare-inprocess", "--json"), env, 1800)  # model and backend: env (model_env)
     if report["failures"] or report["faces_embedded"] != sample["decodable"]:
         raise RuntimeError(f"the job embedded {report['faces_embedded']} of {sample['decodable']} faces "
                            f"({report['failures']} failures): not a measurement of the shell")
     return {"faces": report["faces_embedded"], "faces_per_s": report["faces_per_s"],
-            "ratio_to_inprocess": report.get("ratio_to_inprocess"), "shell_cpu": report["shell_cpu"]}
+            "ratio_to_inprocess": report.get("ratio_to_inprocess"), "shell_cpu": report["shell_cpu"],
+            "ratio_parts": report.get("ratio_parts"), "engine": report.get("engine")}
 
 
 def measure(path: str, args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
@@ -105,6 +122,7 @@ def measure(path: str, args: argparse.Namespace, env: dict[str, str], workdir: P
     out = _run_json(serve_command(path, args), env, 900)
     return {"faces": out["faces"], "faces_per_s": out["throughput_fps"],
             "ratio_to_inprocess": out.get("ratio_to_inprocess"), "shell_cpu": out["shell_cpu"],
+            "ratio_parts": out.get("ratio_parts"), "errors": out.get("errors"), "engine": out.get("engine"),
             "faces_per_request": out["faces_per_request"], "concurrency": out["concurrency"]}
 
 
@@ -154,6 +172,44 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _engine_name(engine: dict[str, Any] | None) -> str:
+    engine = engine or {}
+    return f"`{engine.get('backend', '?')}` {engine.get('precision', '?')}"
+
+
+def ratio_markdown(report: dict[str, Any]) -> str:
+    """The README's second section: each path's ratio with a real model, split in its factors."""
+    head = ("| path | faces/s here | ratio to in-process | engine share of the CPU | "
+            "cores busy, run / in-process | engine CPU ms per face | everything else, CPU ms per face | "
+            f"everything else at a ratio of {RATIO_AIM} |")
+    rows = [head, "|" + "---|" * 8]
+    ratio = report["ratio"]
+    for path, r in ratio["results"].items():
+        p = r.get("ratio_parts")
+        if not p:
+            rows.append(f"| {_TITLES.get(path, path)} | {r['faces_per_s']:.0f} | - | - | - | - | - | - |")
+            continue
+        share = f"{p['engine_share_of_cpu']:.2f}"
+        if "steady_engine_share_of_cpu" in p:
+            share += f" ({p['steady_engine_share_of_cpu']:.2f} without workers' start-up)"
+        refused = sum((r.get("errors") or {}).values())
+        fps = f"{r['faces_per_s']:.0f}" + (f" ({refused} requests refused)" if refused else "")
+        rows.append(f"| {_TITLES.get(path, path)} | {fps} | {r['ratio_to_inprocess']:.2f} | "
+                    f"{share} | {p['run_cores_busy']:.2f} / {p['inprocess_cores_busy']:.2f} | "
+                    f"{p['engine_cpu_ms_per_face']:.2f} | {p['other_cpu_ms_per_face']:.2f} | "
+                    f"{p['engine_cpu_ms_per_face'] * (1 - RATIO_AIM) / RATIO_AIM:.2f} |")
+    s, engines = report["settings"], {_engine_name(r.get("engine")) for r in ratio["results"].values()}
+    rows += ["", f"Measured {report['date']} on {report['cpu']} ({report['cpus']} cores) with "
+             f"`{report['command']}`: model `{ratio['model']}` on {', '.join(sorted(engines))}, "
+             f"the same paths and settings as above ({s['concurrency']} clients x {s['faces_per_request']} "
+             f"faces per request; the job over {s['episodes']} x {s['tracks']} x {s['frames']} faces). "
+             f"Ratio = engine share x cores busy (engines/bench/ratio.py). 'Everything else' is the "
+             f"shell's CPU per face plus, for the services, the load generator's, all on the same cores; "
+             f"its last column is the most it may cost for a ratio of {RATIO_AIM} with every core busy "
+             f"(the engine's CPU per face x {1 - RATIO_AIM:.2f} / {RATIO_AIM})."]
+    return "\n".join(rows)
+
+
 def _gpu_rates(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -189,21 +245,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GPU rates (faces/s) to size the shell for (default 10000,30000)")
     p.add_argument("--out", default="out/shell-capacity", help="where report.json goes")
     p.add_argument("--readme", help="write the table into this README's shell-capacity section")
+    p.add_argument("--ratio-model", help="also run each path with this model and split its ratio to "
+                   "in-process in its factors (README shell-ratio section)")
+    p.add_argument("--ratio-backend", help="the backend for --ratio-model (default: the config's chain)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    env = {**os.environ, "ARCFACE_MODEL": args.model, "ARCFACE_BACKEND": args.backend, "RAY_ADDRESS": ""}
+    env = model_env({**os.environ, "RAY_ADDRESS": ""}, args.model, args.backend)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, ratio = {}, {}
     with tempfile.TemporaryDirectory(prefix="shell-capacity-") as tmp:
         for path in args.paths:
             results[path] = measure(path, args, env, Path(tmp) / path)
             logger.info("%s: %.0f faces/s, shell %s", path, results[path]["faces_per_s"],
                         results[path]["shell_cpu"])
+        for path in args.paths if args.ratio_model else ():
+            ratio[path] = measure(path, args, model_env(env, args.ratio_model, args.ratio_backend),
+                                  Path(tmp) / f"{path}-ratio")
+            logger.info("%s with %s: ratio %s, %s", path, args.ratio_model, ratio[path]["ratio_to_inprocess"],
+                        ratio[path]["ratio_parts"])
     command = "python scripts/shell_capacity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
         "cpu": cpu_model_name(), "cpus": os.cpu_count(), "date": datetime.date.today().isoformat(),
@@ -212,12 +276,20 @@ def main(argv: list[str] | None = None) -> int:
                                                     "duration", "episodes", "tracks", "frames")},
         "results": results, "capacity": capacity(results, args.gpu_fps),
     }
+    if ratio:
+        report["ratio"] = {"model": args.ratio_model, "backend": args.ratio_backend, "results": ratio}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
     (out / "report.md").write_text(text + "\n")
     print(text)
     if args.readme:
         replace_readme_section(args.readme, BEGIN, END, text)
+    if ratio:
+        ratio_text = ratio_markdown(report)
+        (out / "ratio.md").write_text(ratio_text + "\n")
+        print(ratio_text)
+        if args.readme:
+            replace_readme_section(args.readme, RATIO_BEGIN, RATIO_END, ratio_text)
     return 0
 
 

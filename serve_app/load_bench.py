@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from engines import CpuSampler, cpu_summary
+from engines import CpuSampler, ProcessCpu, cpu_summary, ratio_parts, ratio_summary
 
 from .client import (
     GRPC_CHANNEL_OPTIONS,
@@ -77,6 +77,11 @@ class LoadResult:
     # CPU of the service's processes during the measured load, by role (engines.bench.cpu_cost):
     # proxy, replica (engine included), serve_controller, ray_system, ...; with --start only
     shell_cpu: dict[str, Any] | None = None
+    # this process's CPU during the load (the load generator, on the same cores as the service)
+    client_cpu: dict[str, Any] | None = None
+    # the ratio's two factors (engines.bench.ratio): the engine's share of the CPU the service
+    # and the load generator spent per face, and the cores they kept busy against in-process
+    ratio_parts: dict[str, Any] | None = None
     grpc: dict[str, Any] | None = None  # GrpcLoad's fields with transport grpc
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,10 +196,11 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
                 before = await client.info()
             # the service's processes (a --start cluster is this process's tree), not this load generator
             sampler = CpuSampler(exclude_self=True).start()
-            started = time.perf_counter()
-            end = started + duration_s
-            await asyncio.gather(*(worker(i, end, True) for i in range(concurrency)))
-            elapsed = time.perf_counter() - started
+            with ProcessCpu() as client_cpu:  # this process: the load generator (and sampler)
+                started = time.perf_counter()
+                end = started + duration_s
+                await asyncio.gather(*(worker(i, end, True) for i in range(concurrency)))
+                elapsed = time.perf_counter() - started
             cost = sampler.stop()
             after = await client.info()
         finally:
@@ -217,6 +223,8 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
         # nothing seen: the service runs outside this process's tree (--url without --start)
         shell_cpu=cost.per_face(done_faces) if cost.cpu_s > 0 else None,
     )
+    client_cpu.faces = done_faces
+    result.client_cpu = {"cpu_ms_per_face": client_cpu.cpu_ms_per_face, "cores_busy": client_cpu.cores_busy}
     if lat.size:
         result.latency_ms_p50, result.latency_ms_p95, result.latency_ms_p99 = (
             float(np.percentile(lat, q)) for q in (50, 95, 99)
@@ -224,8 +232,9 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
     return result, before, after
 
 
-def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) -> float:
-    """The same engine (backend, model, precision) in this process, at ``batch_size``."""
+def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) -> tuple[float, ProcessCpu]:
+    """The same engine (backend, model, precision) in this process, at ``batch_size``: faces/s,
+    and the CPU it spent (its thread pool included) per face."""
     from engines import get_engine, jittered_faces
 
     engine = get_engine(
@@ -234,13 +243,13 @@ def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) 
     )
     faces = jittered_faces(batch_size, seed=99).faces
     engine.encode(faces)  # warm-up
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        engine.encode(faces)
-        done += batch_size
-    fps = done / (time.perf_counter() - started)
+    with ProcessCpu() as cpu:
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            engine.encode(faces)
+            cpu.faces += batch_size
     engine.close()
-    return fps
+    return cpu.faces / cpu.wall_s, cpu
 
 
 def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, duration_s: float,
@@ -262,9 +271,21 @@ def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, durat
     if inprocess_s != 0:
         batch = int(service.get("max_batch_size") or 32)
         result.inprocess_batch_size = batch
-        result.inprocess_fps = inprocess_throughput(after, batch, inprocess_s or min(duration_s, 10.0))
+        seconds = inprocess_s or min(duration_s, 10.0)
+        result.inprocess_fps, engine_cpu = inprocess_throughput(after, batch, seconds)
         result.ratio_to_inprocess = result.throughput_fps / result.inprocess_fps
+        result.ratio_parts = _ratio_parts(result, engine_cpu)
     return result
+
+
+def _ratio_parts(r: LoadResult, engine_cpu: ProcessCpu) -> dict[str, Any] | None:
+    """The service's and the load generator's CPU per face together (both on this machine's
+    cores), against the engine's in-process; None where the service was not seen (no --start)."""
+    shell, client = r.shell_cpu or {}, r.client_cpu or {}
+    if not shell.get("cpu_ms_per_face") or not client.get("cpu_ms_per_face"):
+        return None
+    return ratio_parts(engine_cpu, shell["cpu_ms_per_face"] + client["cpu_ms_per_face"],
+                       shell["cores_busy"] + client["cores_busy"])
 
 
 def format_result(r: LoadResult) -> str:
@@ -287,4 +308,6 @@ def format_result(r: LoadResult) -> str:
             f"  in-process  {r.inprocess_fps:.1f} faces/s at batch {r.inprocess_batch_size}; "
             f"service / in-process = {r.ratio_to_inprocess:.2f}"
         )
+    if r.ratio_parts:
+        lines.append(f"  why         {ratio_summary(r.ratio_parts)} (service and load generator)")
     return "\n".join(lines)

@@ -131,6 +131,14 @@ def test_bench_serve_starts_the_service_from_config_and_measures_it(tmp_path):
     cpu = out["shell_cpu"]
     assert cpu["cpu_ms_per_face"] > 0 and "driver" not in cpu["cpu_s_by_role"], cpu
     assert cpu["cpu_s_by_role"].get("replica", 0) > 0 and cpu["cpu_s_by_role"].get("proxy", 0) > 0, cpu
+    # the ratio's factors: the service's and the load generator's CPU against the engine's in-process,
+    # whose product is the ratio (the same faces and span; the sampler's last interval aside)
+    parts, client = out["ratio_parts"], out["client_cpu"]
+    assert client["cpu_ms_per_face"] > 0
+    assert parts["run_cpu_ms_per_face"] == pytest.approx(cpu["cpu_ms_per_face"] + client["cpu_ms_per_face"],
+                                                         abs=1e-3)
+    assert parts["engine_share_of_cpu"] * parts["cores_busy_ratio"] == pytest.approx(
+        out["ratio_to_inprocess"], rel=0.2), parts
 
 
 @pytest.mark.integration
