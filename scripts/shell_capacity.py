@@ -84,9 +84,9 @@ def _run_json(cmd: list[str], env: dict[str, str], timeout_s: float) -> dict[str
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def serve_command(path: str, args: argparse.Namespace) -> list[str]:
+def serve_command(path: str, args: argparse.Namespace, concurrency: int | None = None) -> list[str]:
     cmd = _arcface("bench-serve", "--start", "--http-port", str(free_port()), "--grpc-port", str(free_port()),
-                   "--concurrency", str(args.concurrency),
+                   "--concurrency", str(concurrency or args.concurrency),
                    "--faces-per-request", str(args.faces_per_request), "--duration", str(args.duration),
                    "--warmup", str(args.warmup), "--json")
     if path == "grpc":
@@ -116,10 +116,11 @@ def measure_job(args: argparse.Namespace, env: dict[str, str], workdir: Path) ->
             "ratio_parts": report.get("ratio_parts"), "engine": report.get("engine")}
 
 
-def measure(path: str, args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
+def measure(path: str, args: argparse.Namespace, env: dict[str, str], workdir: Path,
+            concurrency: int | None = None) -> dict[str, Any]:
     if path == "job":
         return measure_job(args, env, workdir)
-    out = _run_json(serve_command(path, args), env, 900)
+    out = _run_json(serve_command(path, args, concurrency), env, 900)
     return {"faces": out["faces"], "faces_per_s": out["throughput_fps"],
             "ratio_to_inprocess": out.get("ratio_to_inprocess"), "shell_cpu": out["shell_cpu"],
             "ratio_parts": out.get("ratio_parts"), "errors": out.get("errors"), "engine": out.get("engine"),
@@ -174,7 +175,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _engine_name(engine: dict[str, Any] | None) -> str:
     engine = engine or {}
-    return f"`{engine.get('backend', '?')}` {engine.get('precision', '?')}"
+    return f"`{engine['backend']}` {engine.get('precision', '')}".strip() if engine.get("backend") else ""
 
 
 def ratio_markdown(report: dict[str, Any]) -> str:
@@ -198,11 +199,11 @@ def ratio_markdown(report: dict[str, Any]) -> str:
                     f"{share} | {p['run_cores_busy']:.2f} / {p['inprocess_cores_busy']:.2f} | "
                     f"{p['engine_cpu_ms_per_face']:.2f} | {p['other_cpu_ms_per_face']:.2f} | "
                     f"{p['engine_cpu_ms_per_face'] * (1 - RATIO_AIM) / RATIO_AIM:.2f} |")
-    s, engines = report["settings"], {_engine_name(r.get("engine")) for r in ratio["results"].values()}
+    s, engines = report["settings"], {_engine_name(r.get("engine")) for r in ratio["results"].values()} - {""}
     rows += ["", f"Measured {report['date']} on {report['cpu']} ({report['cpus']} cores) with "
              f"`{report['command']}`: model `{ratio['model']}` on {', '.join(sorted(engines))}, "
-             f"the same paths and settings as above ({s['concurrency']} clients x {s['faces_per_request']} "
-             f"faces per request; the job over {s['episodes']} x {s['tracks']} x {s['frames']} faces). "
+             f"each path as above, {ratio['concurrency']} clients x {s['faces_per_request']} faces per "
+             f"request for the services, the job over {s['episodes']} x {s['tracks']} x {s['frames']} faces. "
              f"Ratio = engine share x cores busy (engines/bench/ratio.py). 'Everything else' is the "
              f"shell's CPU per face plus, for the services, the load generator's, all on the same cores; "
              f"its last column is the most it may cost for a ratio of {RATIO_AIM} with every core busy "
@@ -248,6 +249,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratio-model", help="also run each path with this model and split its ratio to "
                    "in-process in its factors (README shell-ratio section)")
     p.add_argument("--ratio-backend", help="the backend for --ratio-model (default: the config's chain)")
+    p.add_argument("--ratio-concurrency", type=int, default=8,
+                   help="clients of the --ratio-model service runs (default 8: a real engine on a small "
+                   "machine refuses part of 16 x 8 faces at the default 0.25 s queue bound, and refusing "
+                   "costs CPU too)")
     return p.parse_args(argv)
 
 
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                         results[path]["shell_cpu"])
         for path in args.paths if args.ratio_model else ():
             ratio[path] = measure(path, args, model_env(env, args.ratio_model, args.ratio_backend),
-                                  Path(tmp) / f"{path}-ratio")
+                                  Path(tmp) / f"{path}-ratio", concurrency=args.ratio_concurrency)
             logger.info("%s with %s: ratio %s, %s", path, args.ratio_model, ratio[path]["ratio_to_inprocess"],
                         ratio[path]["ratio_parts"])
     command = "python scripts/shell_capacity.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -277,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results, "capacity": capacity(results, args.gpu_fps),
     }
     if ratio:
-        report["ratio"] = {"model": args.ratio_model, "backend": args.ratio_backend, "results": ratio}
+        report["ratio"] = {"model": args.ratio_model, "backend": args.ratio_backend,
+                           "concurrency": args.ratio_concurrency, "results": ratio}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
     (out / "report.md").write_text(text + "\n")

@@ -97,3 +97,39 @@ def test_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         shell_capacity.parse_args(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_ratio_runs_take_the_model_from_the_environment():
+    probe = {"PATH": "/bin", "ARCFACE_MODEL": "synthetic:probe", "ARCFACE_BACKEND": "onnx"}
+    env = shell_capacity.model_env(probe, "synthetic:mobilefacenet", None)
+    assert env == {"PATH": "/bin", "ARCFACE_MODEL": "synthetic:mobilefacenet"}  # the config's backend chain
+    assert shell_capacity.model_env(env, "synthetic:probe", "onnx")["ARCFACE_BACKEND"] == "onnx"
+
+
+def _ratio_result(parts: dict | None, refused: int = 0) -> dict:
+    return {"faces": 1000, "faces_per_s": 120.0, "ratio_to_inprocess": 0.6, "ratio_parts": parts,
+            "errors": {"503": refused} if refused else {},
+            "engine": {"backend": "openvino", "precision": "bf16"}}
+
+
+def test_the_ratio_section_splits_each_paths_ratio_in_its_factors():
+    parts = {"engine_cpu_ms_per_face": 9.5, "inprocess_cores_busy": 1.8, "run_cpu_ms_per_face": 16.0,
+             "run_cores_busy": 1.9, "other_cpu_ms_per_face": 6.5, "engine_share_of_cpu": 0.594,
+             "cores_busy_ratio": 1.056}
+    results = {"http-npy": _ratio_result(parts, refused=12), "grpc": _ratio_result(None),
+               "job": _ratio_result({**parts, "steady_engine_share_of_cpu": 0.7})}
+    settings = {"model": "synthetic:probe", "backend": "onnx", "concurrency": 16, "faces_per_request": 8,
+                "duration": 10.0, "episodes": 8, "tracks": 8, "frames": 100}
+    report = {"cpu": "Some CPU", "cpus": 2, "date": "2026-12-03", "settings": settings,
+              "command": "python scripts/shell_capacity.py",
+              "ratio": {"model": "synthetic:mobilefacenet", "backend": None, "concurrency": 8,
+                        "results": results}}
+    text = shell_capacity.ratio_markdown(report)
+    # everything else may cost 9.5 x 0.05 / 0.95 = 0.5 ms per face for a ratio of 0.95
+    assert ("| HTTP, `.npy` body and answer | 120 (12 requests refused) | 0.60 | 0.59 | 1.90 / 1.80 | 9.50 | "
+            "6.50 | 0.50 |") in text
+    assert "| offline job (`embed-episodes`) | 120 | 0.60 | 0.59 (0.70 without workers' start-up) |" in text
+    not_seen = "| gRPC `EmbedBatch` (raw crops, packed answer) | 120 | - | - | - | - | - | - |"
+    assert not_seen in text
+    assert "`synthetic:mobilefacenet` on `openvino` bf16, each path as above, 8 clients x 8 faces" in text
+    assert "Some CPU (2 cores)" in text
