@@ -170,6 +170,25 @@ def test_manifest_layout_with_inline_images_and_landmarks(ray_local, sample, eng
     assert engine.faces > 0 and engine.cpu_s > 0 and engine.wall_s > 0
 
 
+def test_compare_inprocess_splits_the_ratio_in_its_factors(ray_local, sample, tmp_path):
+    """``--compare-inprocess``: the same engine's speed in this process, and the ratio's two factors
+    from the job's own CPU (engines.bench.ratio): their product is the job's faces over the span
+    its CPU was sampled on, which starts no later than the job's clock, so at most the ratio."""
+    args = ["--input", sample.directory, "--output", str(tmp_path / "out"), "--backend", "onnx",
+            "--model", MODEL]
+    done = run_main(embed_episodes.main, [*args, "--compare-inprocess", "--json"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    parts, cpu = report["ratio_parts"], report["shell_cpu"]
+    assert report["inprocess_fps"] > 0 and report["ratio_to_inprocess"] > 0
+    assert parts["run_cpu_ms_per_face"] == pytest.approx(cpu["cpu_ms_per_face"], abs=1e-3)
+    assert parts["run_cores_busy"] == cpu["cores_busy"] and parts["engine_cpu_ms_per_face"] > 0
+    assert 0 < parts["engine_share_of_cpu"] * parts["cores_busy_ratio"] <= 1.05 * report["ratio_to_inprocess"]
+    # without the workers' start-up the engine's share is larger (a long job's)
+    assert parts["steady_engine_share_of_cpu"] >= parts["engine_share_of_cpu"]
+    assert "why       engine share of the CPU" in done.stdout
+
+
 def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sample, clean_run, tmp_path):
     out, marker = str(tmp_path / "out"), tmp_path / "actor-killed"
     job = spec(sample.directory, out, batch_size=4)
