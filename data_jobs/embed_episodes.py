@@ -160,7 +160,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             locate(spec.input, cfg.storage.endpoint_url, cfg.storage.region), spec.settings.image_extensions
         )
         engine_cpu = inprocess_reference(spec, index, spec.settings.batch_size, cfg=cfg)
-        report.inprocess_fps = engine_cpu.faces / engine_cpu.wall_s if engine_cpu.wall_s > 0 else 0.0
+        report.inprocess_fps = engine_cpu.faces_per_s
         if report.inprocess_fps > 0:  # zero where no input decoded: nothing to compare
             report.ratio_to_inprocess = report.faces_per_s / report.inprocess_fps
             shell = report.shell_cpu or {}

@@ -206,6 +206,7 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
         finally:
             await send.close()
     lat = np.asarray(latencies) * 1e3
+    client_cpu.faces = done_faces
     result = LoadResult(
         url=url,
         transport="http" if grpc is None else "grpc",
@@ -222,9 +223,8 @@ async def _load(url: str, concurrency: int, faces_per_request: int, duration_s: 
         requests_per_s=len(latencies) / elapsed,
         # nothing seen: the service runs outside this process's tree (--url without --start)
         shell_cpu=cost.per_face(done_faces) if cost.cpu_s > 0 else None,
+        client_cpu={"cpu_ms_per_face": client_cpu.cpu_ms_per_face, "cores_busy": client_cpu.cores_busy},
     )
-    client_cpu.faces = done_faces
-    result.client_cpu = {"cpu_ms_per_face": client_cpu.cpu_ms_per_face, "cores_busy": client_cpu.cores_busy}
     if lat.size:
         result.latency_ms_p50, result.latency_ms_p95, result.latency_ms_p99 = (
             float(np.percentile(lat, q)) for q in (50, 95, 99)
@@ -249,7 +249,7 @@ def inprocess_throughput(info: dict[str, Any], batch_size: int, seconds: float) 
             engine.encode(faces)
             cpu.faces += batch_size
     engine.close()
-    return cpu.faces / cpu.wall_s, cpu
+    return cpu.faces_per_s, cpu
 
 
 def run_load_benchmark(url: str, concurrency: int, faces_per_request: int, duration_s: float,

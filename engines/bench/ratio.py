@@ -47,6 +47,10 @@ class ProcessCpu:
         return 1000 * self.cpu_s / self.faces if self.faces else None
 
     @property
+    def faces_per_s(self) -> float:
+        return self.faces / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
     def cores_busy(self) -> float | None:
         return self.cpu_s / self.wall_s if self.wall_s > 0 else None
 
@@ -56,9 +60,9 @@ def ratio_parts(engine: ProcessCpu, run_cpu_ms_per_face: float | None, run_cores
     """The two factors of the ratio to in-process (module docstring), for a report: the engine's
     CPU per face and cores busy in-process, the run's, the engine's share of the run's CPU and
     the cores-busy ratio (their product is the ratio over the span the run's CPU was measured
-    on); with ``run_steady_cpu_ms_per_face`` (the run's CPU per
-    face without its workers' start-up) the share a long run approaches. None where a figure is
-    missing (a run that embedded nothing, a service whose processes were not seen)."""
+    on); with ``run_steady_cpu_ms_per_face`` (the run's CPU per face without its workers'
+    start-up) the share a long run approaches. None where a figure is missing (a run that
+    embedded nothing, a service whose processes were not seen)."""
     e, t = engine.cpu_ms_per_face, run_cpu_ms_per_face
     if not e or not t or not engine.cores_busy or not run_cores_busy:
         return None

@@ -34,6 +34,8 @@ def test_process_cpu_counts_every_thread_of_the_process():
     assert cpu.cpu_s >= 0.3 and cpu.wall_s > 0
     assert cpu.cpu_ms_per_face == pytest.approx(100 * cpu.cpu_s)
     assert cpu.cores_busy == pytest.approx(cpu.cpu_s / cpu.wall_s)
+    assert cpu.faces_per_s == pytest.approx(10 / cpu.wall_s)
+    assert ProcessCpu(faces=10).faces_per_s == 0.0  # never measured: no rate
 
 
 def test_share_times_cores_busy_is_the_ratio_to_in_process():
