@@ -119,8 +119,14 @@ def _recovery_s(svc: Service, since: float, faces, timeout_s: float = 180) -> fl
 
 def _load(svc: Service, faces: np.ndarray, kill, n: int = 12):
     """``n`` requests of 64 faces in flight (HTTP, and one gRPC), ``kill()`` half a second in
-    (together a few seconds of engine work: within max_queue_wait_s, so admitted)."""
+    (together a few seconds of engine work: within max_queue_wait_s, so admitted).
+
+    One such request first, answered: the replica predicts waits from its recent batches' rate,
+    and after a recovery (the previous test's one-face probes) those are all one-face batches,
+    slow per face, so the burst would be refused ``overloaded`` and nothing be in flight."""
     heavy = encode_npy(np.repeat(faces, 4, axis=0)[:64])
+    warm = requests.post(svc.http + "/v1/embed", data=heavy, headers=NPY, timeout=120)
+    assert warm.status_code == 200, warm.text
 
     def http(_):
         try:
