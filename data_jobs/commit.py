@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,7 +108,6 @@ class CommitRequest:
     policy: TemplatePolicy = field(default_factory=TemplatePolicy)
     pass_through: pa.Schema = field(default_factory=lambda: pa.schema([]))
     staged_before: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # earlier runs' rows
-    fault: dict[str, Any] = field(default_factory=dict)
     store: Any = None  # a lance_store.StoreTarget when the Lance sink is on
 
 
@@ -134,17 +131,6 @@ def _with_pass_through(table: pa.Table, columns: tuple[str, ...], pass_through: 
         values = table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
         out = out.append_column(f, values.cast(f.type) if values.type != f.type else values)
     return out
-
-
-def _maybe_die(fault: dict[str, Any], episode: str) -> None:
-    """Fault injection for tests: the commit task's worker dies once, between the data files and
-    ``_SUCCESS`` (Ray retries the task)."""
-    marker = fault.get("kill_commit_marker")
-    if not marker or Path(marker).exists():
-        return
-    Path(marker).write_text(episode)
-    logger.warning("fault injection: commit of %s dies before its _SUCCESS (pid %d)", episode, os.getpid())
-    os._exit(1)
 
 
 def _already_committed(output: Location, request: CommitRequest, files: list[str]) -> CommitOutcome | None:
@@ -196,7 +182,6 @@ def commit_episode(output: Location, request: CommitRequest) -> CommitOutcome:
     if bad.num_rows:
         write_parquet_atomic(output.fs, dirs["errors"].join("part-0.parquet").path,
                              _with_pass_through(bad, ERROR_COLUMNS, request.pass_through))
-    _maybe_die(request.fault, episode)
     earlier = pc.sum(pc.is_in(good["uid"], request.staged_before)).as_py() if good.num_rows else 0
     embedded = good.num_rows - (earlier or 0)
     result = EpisodeResult(episode, good.num_rows, bad.num_rows, len(pc.unique(good["track_id"])), embedded)

@@ -9,7 +9,8 @@ Batches are Arrow tables: the crops reach the engine as the uint8 array the deco
 built (no copy when every row decoded, which is the common case), the vectors leave as a
 ``fixed_size_list`` over the engine's own output buffer, and every other column (ids,
 pass-through) is passed on untouched.
-``fault`` holds test hooks only: fault injection, and a trace of which node embedded what.
+With ``placement_log_dir`` (``episodes.placement_log_dir``) each actor appends a JSON line per
+batch naming its Ray node and the rows it embedded: an audit of where a cluster placed the work.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 class EmbedActor:
     """``map_batches`` UDF: ``crop`` column in, ``embedding`` / ``norm`` / engine columns out."""
 
-    def __init__(self, config_path: str | None, overrides: dict[str, Any], fault: dict[str, Any]) -> None:
+    def __init__(self, config_path: str | None, overrides: dict[str, Any],
+                 placement_log_dir: str | None = None) -> None:
         from engines import load_config, load_engine
 
         cfg = load_config(config_path, overrides=overrides)
@@ -46,44 +48,28 @@ class EmbedActor:
             "precision": info.precision,
             "contract": info.contract,
         }
-        self._fault = fault
-        self._batches = 0
-        self._record = self._record_file(fault.get("record_dir"))
+        self._placement = self._placement_file(placement_log_dir)
         logger.info("EmbedActor pid %d ready: %s", os.getpid(), self.meta)
 
-    def _maybe_die(self) -> None:
-        """Fault injection for tests: die once, mid-job, like a preempted GPU node."""
-        after = self._fault.get("kill_after_batches")
-        marker = self._fault.get("marker")
-        if after is None or not marker or self._batches < after:
-            return
-        path = Path(marker)
-        if path.exists():
-            return
-        path.write_text(str(os.getpid()))
-        logger.warning("fault injection: actor pid %d exits after %d batches", os.getpid(), self._batches)
-        os._exit(1)
-
     @staticmethod
-    def _record_file(record_dir: str | None) -> Path | None:
-        if not record_dir:
+    def _placement_file(log_dir: str | None) -> Path | None:
+        if not log_dir:
             return None
-        Path(record_dir).mkdir(parents=True, exist_ok=True)
-        return Path(record_dir) / f"actor-{os.getpid()}.jsonl"
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        return Path(log_dir) / f"actor-{os.getpid()}.jsonl"
 
-    def _record_batch(self, uids: np.ndarray) -> None:
-        """Tracing for tests (``--record-actors-dir``): one JSON line per batch naming this
-        actor's Ray node and engine, so a test can see which nodes embedded which rows."""
+    def _log_placement(self, uids: np.ndarray) -> None:
+        """One JSON line per batch naming this actor's Ray node and engine: which nodes of a
+        cluster embedded which rows (``episodes.placement_log_dir``)."""
         import ray
 
         line = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "backend": self.meta["backend"], "device": self.engine.info.device,
                 "uids": [str(u) for u in uids]}
-        with self._record.open("a") as fh:
+        with self._placement.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self._maybe_die()
         n = batch.num_rows
         ok = pc.equal(batch["error"], "").to_numpy(zero_copy_only=False)
         crops = _crops(batch["crop"])
@@ -93,9 +79,8 @@ class EmbedActor:
             embeddings, norms = np.zeros((n, self.dim), np.float32), np.zeros(n, np.float32)
             if ok.any():
                 embeddings[ok], norms[ok] = self.engine.encode_with_norms(crops[ok])
-        self._batches += 1
-        if self._record is not None:
-            self._record_batch(batch["uid"].filter(pa.array(ok)).to_numpy(zero_copy_only=False))
+        if self._placement is not None:
+            self._log_placement(batch["uid"].filter(pa.array(ok)).to_numpy(zero_copy_only=False))
         out = batch.drop_columns(["crop"])
         out = out.append_column("embedding", embedding_array(embeddings, self.dim))
         out = out.append_column("norm", pa.array(np.ascontiguousarray(norms, np.float32)))

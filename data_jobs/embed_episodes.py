@@ -1,8 +1,8 @@
 """The episode job's command line: arguments -> ``JobSpec``, the report, exit codes.
 
 ``python -m data_jobs.embed_episodes`` and ``arcface embed-episodes`` both end here. Flags
-override ``config/episodes.yaml``; the ``--inject-*`` and ``--record-actors-dir`` flags are
-test hooks (fault injection and tracing) and are not shown in ``--help``.
+override ``config/episodes.yaml``. Faults are never injected here: the tests kill real
+processes from outside (``tests/helpers/processes.py``, ``tests/helpers/s3_gate.py``).
 """
 
 from __future__ import annotations
@@ -64,14 +64,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="also time the same engine in this process on the same crops",
     )
     p.add_argument("--json", action="store_true", help="print the report as the last line, as JSON")
-    # Fault injection, for tests only: proves a killed actor / driver loses and duplicates nothing.
-    p.add_argument("--inject-kill-actor-after-batches", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--inject-kill-actor-marker", help=argparse.SUPPRESS)
-    p.add_argument("--inject-crash-driver-after-files", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--inject-crash-driver-after-commits", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--inject-kill-commit-marker", help=argparse.SUPPRESS)
-    # Tracing, for tests only: each actor appends what it embedded, and on which node, to a file here.
-    p.add_argument("--record-actors-dir", help=argparse.SUPPRESS)
     return p
 
 
@@ -104,14 +96,6 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         template_weighting=args.template_weighting,
         progress_interval_s=args.progress_interval,
     )
-    fault = {
-        "kill_actor_after_batches": args.inject_kill_actor_after_batches,
-        "kill_actor_marker": args.inject_kill_actor_marker,
-        "crash_driver_after_files": args.inject_crash_driver_after_files,
-        "crash_driver_after_commits": args.inject_crash_driver_after_commits,
-        "kill_commit_marker": args.inject_kill_commit_marker,
-        "record_actors_dir": args.record_actors_dir,
-    }
     return JobSpec(
         input=args.input,
         output=args.output,
@@ -120,7 +104,6 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         model=args.model,
         device=args.device,
         settings=settings,
-        fault={k: v for k, v in fault.items() if v is not None},
     )
 
 

@@ -107,7 +107,6 @@ class JobSpec:
     model: str | None = None
     device: str | None = None
     settings: EpisodeJobSettings = field(default_factory=EpisodeJobSettings)
-    fault: dict[str, Any] = field(default_factory=dict)
 
 
 def peak_rss_mb() -> float:
@@ -241,7 +240,6 @@ def run_pipeline(spec: JobSpec, index: InputIndex, exclusions: Exclusions, outpu
         fn_kwargs={"filesystem": index.location.fs, "base": base, "s3": _s3_settings(cfg),
                    "limits": DecodeLimits.of(s)},
     )
-    fault = spec.fault
     ds = ds.map_batches(
         EmbedActor,
         batch_format="pyarrow",
@@ -257,13 +255,10 @@ def run_pipeline(spec: JobSpec, index: InputIndex, exclusions: Exclusions, outpu
         fn_constructor_kwargs={
             "config_path": cfg.source if cfg.source != "<defaults>" else None,
             "overrides": _engine_overrides(spec),
-            "fault": {"kill_after_batches": fault.get("kill_actor_after_batches"),
-                      "marker": fault.get("kill_actor_marker"), "record_dir": fault.get("record_actors_dir")},
+            "placement_log_dir": s.placement_log_dir,
         },
     )
-    hooks = {"crash_driver_after_files": fault.get("crash_driver_after_files"), "driver_pid": os.getpid(),
-             "hold_episode": fault.get("hold_episode"), "release_marker": fault.get("release_marker")}
-    sink = StagingDatasink(output, tracker, fault=hooks)
+    sink = StagingDatasink(output, tracker)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": s.write_num_cpus})
 
 
@@ -352,8 +347,7 @@ def run_job(spec: JobSpec) -> JobReport:
         before = pa.array(sorted(staged[ep].uids), pa.string()) if ep in staged else pa.array([], pa.string())
         # a copy: a slice of an Arrow array pickles its whole buffer
         expected = pc.take(uids, pa.array(np.arange(start, start + length)))
-        return CommitRequest(ep, expected, engine, job, policy, index.pass_through, before, spec.fault,
-                             target)
+        return CommitRequest(ep, expected, engine, job, policy, index.pass_through, before, target)
 
     work = bool(to_commit) or target is not None  # a run with nothing to do writes nothing
     progress = Progress(output, input_loc.uri, len(episodes), len(committed), rows_to_process,
@@ -371,7 +365,7 @@ def run_job(spec: JobSpec) -> JobReport:
             store = _store_committer(target, model.model_id, spec.settings)
         if to_commit:
             scheduler = CommitScheduler(output, to_commit, request, owed, spec.settings.commit_num_cpus,
-                                        progress, store, spec.fault)
+                                        progress, store)
             pipeline = ((lambda tracker: run_pipeline(spec, index, exclusions, output, cfg, tracker))
                         if rows_to_process else (lambda tracker: None))
             results = scheduler.run(pipeline)

@@ -19,8 +19,6 @@ of episodes, not of faces. It also feeds ``Progress`` and the Lance ``StoreCommi
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +74,6 @@ class CommitScheduler:
     num_cpus: float = 0.25
     progress: Any = None  # progress.Progress
     store: Any = None  # lance_store.StoreCommitter
-    fault: dict[str, Any] = field(default_factory=dict)
     results: dict[str, EpisodeResult] = field(default_factory=dict)
 
     def run(self, pipeline: Callable[[Any], None]) -> dict[str, EpisodeResult]:
@@ -136,7 +133,6 @@ class CommitScheduler:
                 self.progress.update(rows, good, committed, sum(self.results[ep].errors for ep in committed))
             if self.store is not None:
                 self.store.maybe_flush()
-            self._maybe_crash()
             if (
                 finished
                 and not in_flight
@@ -161,10 +157,3 @@ class CommitScheduler:
         self.results[outcome.episode] = outcome.result
         if self.store is not None and outcome.store_fragments is not None:
             self.store.add(outcome.episode, outcome.store_fragments)
-
-    def _maybe_crash(self) -> None:
-        """Fault injection for tests: SIGKILL this driver once K episodes are committed."""
-        after = self.fault.get("crash_driver_after_commits")
-        if after is not None and len(self.results) >= after:
-            logger.warning("fault injection: killing the driver after %d commits", len(self.results))
-            os.kill(os.getpid(), signal.SIGKILL)

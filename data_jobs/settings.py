@@ -66,6 +66,10 @@ class EpisodeJobSettings:
     # idle this long. On a cluster, set them where the raylets start (README "Offline job").
     local_worker_soft_limit: int = field(default=16, metadata={"min": 1})
     local_idle_worker_keep_s: float = field(default=600.0, metadata={"min": 1.0})
+    # Placement audit: a local directory where each EmbedActor appends one JSON line per batch
+    # (its Ray node, pid, backend, device and the uids it embedded), to check on a cluster which
+    # nodes embedded what. null: off.
+    placement_log_dir: str | None = None
 
 
 def load_job_settings(path: str | Path | None = None, **overrides: Any) -> EpisodeJobSettings:

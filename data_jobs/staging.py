@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import signal
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,10 +78,9 @@ def normalize_rows(table: pa.Table) -> pa.Table:
 class StagingDatasink(Datasink):
     """Writes embedded rows to per-episode staging files (see module docstring)."""
 
-    def __init__(self, output: Location, tracker: Any = None, fault: dict[str, Any] | None = None) -> None:
+    def __init__(self, output: Location, tracker: Any = None) -> None:
         self.output = output
         self.tracker = tracker  # a StagingTracker actor handle, or None
-        self.fault = fault or {}
 
     def get_name(self) -> str:
         return "EpisodeStaging"
@@ -97,7 +93,6 @@ class StagingDatasink(Datasink):
                 continue
             table = normalize_rows(table)
             for episode in pc.unique(table["episode_id"]).to_pylist():
-                self._maybe_hold(episode)
                 part = table.filter(pc.equal(table["episode_id"], episode))
                 name = staged_name(part["uid"].to_pylist())
                 write_parquet_atomic(self.output.fs, staging_dir(self.output, episode).join(name).path,
@@ -106,27 +101,7 @@ class StagingDatasink(Datasink):
                 if self.tracker is not None:  # fire and forget: a lost report only delays a commit
                     good = pc.sum(pc.equal(part["error"], "")).as_py() or 0
                     self.tracker.staged.remote(episode, name, part.num_rows, good)
-            self._maybe_crash_driver()
         return written
-
-    def _maybe_hold(self, episode: str) -> None:
-        """Test hook: hold one episode's rows until a marker file exists (at most ``hold_timeout_s``),
-        so a test can read the episodes before it, committed while the job still runs."""
-        held, marker = self.fault.get("hold_episode"), self.fault.get("release_marker")
-        if episode != held or not marker:
-            return
-        deadline = time.monotonic() + float(self.fault.get("hold_timeout_s", 300))
-        while not os.path.exists(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _maybe_crash_driver(self) -> None:
-        """Fault injection for tests: kill the job's driver once K staging files exist."""
-        after, pid = self.fault.get("crash_driver_after_files"), self.fault.get("driver_pid")
-        if after is None or pid is None:
-            return
-        if len(list_files(self.output.join(STAGING_DIR))) >= after:
-            logger.warning("fault injection: killing driver pid %s", pid)
-            os.kill(int(pid), signal.SIGKILL)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 ``run_job`` on the simulated cluster with two ``EmbedActor``s of one A10G GPU each
 (``actor_accelerator_type``): the nodes have one GPU apiece and the head none, so the
 pool needs two fake A10G nodes, which the autoscaler launches. Each actor traces
-(``record_actors_dir``) the rows it embedded and its Ray node; the output must hold
+(``placement_log_dir``, the job's placement audit) the rows it embedded and its Ray node; the output must hold
 every row once, with the vectors the same engine gives in this process.
 """
 
@@ -47,11 +47,11 @@ def test_episode_job_actor_pool_spans_gpu_nodes(fake_cluster, wait_for_whole_poo
     out, trace = tmp_path / "out", tmp_path / "trace"
     settings = load_job_settings(
         actors_min=2, actors_max=2, actor_num_gpus=1, actor_accelerator_type="A10G", actor_num_cpus=0.5,
-        batch_size=4, decode_batch_size=4,
+        batch_size=4, decode_batch_size=4, placement_log_dir=str(trace),
     )
     # A GPU cluster's settings (TensorRT first); the fake GPUs make every actor fall back to onnx.
     spec = JobSpec(input=sample.directory, output=str(out), backend="tensorrt", model=MODEL,
-                   settings=settings, fault={"record_actors_dir": str(trace)})
+                   settings=settings)
     report = run_job(spec)
     assert (report.faces, report.failures, report.episodes_committed) == (sample.decodable, sample.corrupt, 2)
 

@@ -114,3 +114,16 @@ def stalled_s3() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         time.sleep(0.1)
+
+
+@pytest.fixture
+def s3_gate(s3_endpoint, aws_env) -> Iterator:
+    """An endpoint in front of the real S3 server that holds the requests a test names until it
+    lets them go (``tests/helpers/s3_gate.py``): how the fault tests stop a job at a known point."""
+    from s3_gate import S3Gate
+
+    gate = S3Gate(s3_endpoint)
+    try:
+        yield gate
+    finally:
+        gate.close()

@@ -5,8 +5,9 @@ runs, progress.json, the Lance store's top-k against a brute-force search, contr
 from __future__ import annotations
 
 import json
+import shutil
 import threading
-import time
+import uuid
 from pathlib import Path
 
 import lancedb
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from processes import wait_for
 
 from data_jobs.job import JobSpec, run_job
 from data_jobs.quality import TemplatePolicy, counted_crops
@@ -30,13 +32,12 @@ PASS_THROUGH = ("timestamp", "box", "det_score", "shot_id")
 HELD = "ep0002"
 
 
-def spec(input_uri: str, output: str, fault=None, model=MODEL, **settings) -> JobSpec:
+def spec(input_uri: str, output: str, model=MODEL, **settings) -> JobSpec:
     return JobSpec(
         input=input_uri,
         output=output,
         backend="onnx",
         model=model,
-        fault=fault or {},
         settings=load_job_settings(
             **{"batch_size": 16, "decode_batch_size": 8, "actor_num_cpus": 0.5, **settings}
         ),
@@ -55,53 +56,84 @@ def _uids(table: pa.Table) -> list[str]:
     ).to_pylist()
 
 
+def _held_manifest(synthetic, root: Path, bucket: str, s3_endpoint: str) -> str:
+    """The synthetic manifest with its last row (of ``HELD``) read from the real S3 server: a
+    copy of the same image bytes, so the vectors are the same."""
+    import boto3
+
+    table = pq.read_table(synthetic.manifest)
+    assert table["episode_id"][-1].as_py() == HELD
+    last = table["path"][-1].as_py()
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(Path(synthetic.manifest).parent / last), bucket, last)
+    paths = table["path"].to_pylist()
+    paths[-1] = f"s3://{bucket}/{last}"
+    manifest = root / "manifest" / "manifest.parquet"
+    shutil.copytree(Path(synthetic.manifest).parent, manifest.parent)
+    pq.write_table(table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths)), manifest)
+    return str(manifest)
+
+
 @pytest.fixture(scope="module")
-def watched(ray_local, synthetic, tmp_path_factory):
-    """One job (Lance store on, min_quality and best-k set) whose last episode's rows are held in
-    its staging write until the test has read what committed meanwhile, and progress.json as it was then."""
+def watched(ray_local, synthetic, s3_endpoint, tmp_path_factory):
+    """One job (Lance store on, min_quality and best-k set) whose last episode cannot commit while
+    the read of its last row is held at the store (tests/helpers/s3_gate.py), until the test has
+    read what committed meanwhile, and progress.json as it was then."""
     import ray
+    from s3_gate import S3Gate
 
     root = tmp_path_factory.mktemp("watched")
-    out, store, release = str(root / "out"), str(root / "store"), root / "release"
+    out, store = str(root / "out"), str(root / "store")
+    bucket = f"held-{uuid.uuid4().hex[:12]}"
+    manifest = _held_manifest(synthetic, root, bucket, s3_endpoint)
     norms_floor = 1.0
+    # 48-row decode blocks (8 x decode_batch_size): the held row's block, [96, 108), is HELD's
+    # alone, so the episodes before it commit while it waits
     job = spec(
-        synthetic.manifest,
+        manifest,
         out,
-        fault={"hold_episode": HELD, "release_marker": str(release)},
         lance_uri=store,
         min_quality=norms_floor,
         max_crops_per_track=5,
         progress_interval_s=0.2,
         lance_commit_interval_s=0.0,
+        decode_batch_size=6,
+        read_timeout_s=0.0,
     )
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the held episode's blocks come after the others'
+    gate = S3Gate(s3_endpoint)
+    gate.hold(f"^/{bucket}/", method="GET")
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(report=run_job(job)), daemon=True)
-    thread.start()
     seen: dict = {}
-    try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and thread.is_alive():
-            done = committed_episodes(out)
-            progress = _read_progress(Path(out) / "progress.json")
-            # progress.json is rewritten on its own clock and may lag the commits: while the held
-            # episode waits there is time for it to catch up, so wait for it rather than race it
-            if len(done) >= 2 and progress.get("episodes_committed", 0) >= 1:
-                seen = {
-                    "episodes": done,
-                    "rows": read_committed(out),
-                    "alive": thread.is_alive(),
-                    "progress": progress,
-                    "store": _store_rows(store),
-                }
-                break
-            time.sleep(0.2)
-    finally:
-        release.write_text("go")
-        thread.join(600)
-        ctx.execution_options.preserve_order = before
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ARCFACE_STORAGE__ENDPOINT_URL", gate.url)
+        thread = threading.Thread(target=lambda: box.update(report=run_job(job)), daemon=True)
+        thread.start()
+        try:
+            gate.wait_held(400)
+
+            def committed_and_reported() -> bool:
+                # progress.json is rewritten on its own clock and may lag the commits: while the
+                # held episode waits there is time for it to catch up, so wait for it, not race it
+                progress = _read_progress(Path(out) / "progress.json")
+                return len(committed_episodes(out)) >= 2 and progress.get("episodes_committed", 0) >= 1
+
+            wait_for("two episodes committed and reported", committed_and_reported, timeout_s=400)
+            seen = {
+                "episodes": committed_episodes(out),
+                "rows": read_committed(out),
+                "alive": thread.is_alive(),
+                "progress": _read_progress(Path(out) / "progress.json"),
+                "store": _store_rows(store),
+            }
+        finally:
+            gate.release()
+            thread.join(600)
+            gate.close()
+            ctx.execution_options.preserve_order = before
     assert "report" in box, "the job did not finish"
     return {"out": out, "store": store, "report": box["report"], "seen": seen, "policy": job.settings}
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -19,11 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from processes import owner_of_port, sigkill, titled, wait_for
 from support import run_main
 
 from data_jobs import embed_episodes
 from data_jobs.job import JobSpec, inprocess_reference, run_job
-from data_jobs.reader import read_committed
+from data_jobs.reader import committed_episodes, read_committed
 from data_jobs.sample import make_sample_episodes
 from data_jobs.settings import load_job_settings
 from data_jobs.sources import discover
@@ -189,58 +193,178 @@ def test_compare_inprocess_splits_the_ratio_in_its_factors(ray_local, sample, tm
     assert "why       engine share of the CPU" in done.stdout
 
 
-def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sample, clean_run, tmp_path):
-    out, marker = str(tmp_path / "out"), tmp_path / "actor-killed"
-    job = spec(sample.directory, out, batch_size=4)
-    fault = {"kill_actor_after_batches": 2, "kill_actor_marker": str(marker)}
-    job = JobSpec(**{**job.__dict__, "fault": fault})
-    report = run_job(job)
-    assert marker.exists(), "the fault was not injected: the test proves nothing"
+def _uploaded(sample, s3_endpoint: str) -> str:
+    """The sample's directory layout in a fresh bucket of the real S3 server; its URI."""
+    import boto3
+
+    bucket = f"episodes-{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    root = Path(sample.directory)
+    for path in root.rglob("*.jpg"):
+        s3.upload_file(str(path), bucket, f"episodes/{path.relative_to(root)}")
+    return f"s3://{bucket}/episodes"
+
+
+def _hold_last_rows(gate, source: str, episodes: list[str]) -> None:
+    """Hold every request for the last row, in the job's index order, of each of ``episodes``:
+    its decode waits on the gate, so the episode can commit only once the test lets it."""
+    index = discover(locate(source, gate.url)).table
+    rows = zip(index["episode_id"].to_pylist(), index["path"].to_pylist(), strict=True)
+    last = {ep: path for ep, path in rows if ep in episodes}
+    assert sorted(last) == sorted(episodes)
+    keys = [urlsplit(p).path if "://" in p else f"/{p}" for p in last.values()]
+    gate.hold("|".join(re.escape(k) for k in keys), method="GET")
+
+
+@contextmanager
+def job_in_thread(job: JobSpec):
+    """``run_job(job)`` on the session's Ray in a thread; yields a dict that gets its report."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["report"] = run_job(job)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        thread.join(600)
+    assert not thread.is_alive(), "the job did not end"
+    if "error" in box:
+        raise box["error"]
+
+
+def _embed_actors() -> list:
+    return titled("EmbedActor")
+
+
+def test_killed_actor_mid_job_still_yields_every_row_exactly_once(ray_local, sample, clean_run, s3_endpoint,
+                                                                  s3_gate, monkeypatch, tmp_path):
+    """SIGKILL of the embedding actor once it has embedded a whole episode (committed) while the
+    other episode's last row is still being read: Ray starts a new actor for the rest, and every
+    row lands once, with a clean run's vectors bit for bit."""
+    source = _uploaded(sample, s3_endpoint)
+    monkeypatch.setenv("ARCFACE_STORAGE__ENDPOINT_URL", s3_gate.url)
+    _hold_last_rows(s3_gate, source, ["ep001"])
+    out = str(tmp_path / "out")
+    with job_in_thread(spec(source, out, batch_size=4, read_timeout_s=0.0)) as box:
+        try:
+            s3_gate.wait_held(300)
+            wait_for("ep000 committed", lambda: "ep000" in committed_episodes(out))
+            actors = wait_for("the embedding actor", _embed_actors)
+            assert len(actors) == 1, actors
+            killed = sigkill(actors[0])
+        finally:
+            s3_gate.release()
+    report = box["report"]
     assert report.faces == sample.decodable and report.failures == sample.corrupt
+    assert killed not in [p.pid for p in _embed_actors()]
     assert_exactly_once(read_rows(out), sample, vectors(read_rows(clean_run[0])))
     assert not (Path(out) / "_staging").exists()
 
 
-def test_killed_commit_task_is_retried_and_commits_every_row_once(ray_local, sample, clean_run, tmp_path):
-    """The worker of an episode's commit task dies between its data files and its _SUCCESS: Ray
-    runs the task again, which rewrites the files and commits; every row once, clean vectors."""
-    out, marker = str(tmp_path / "out"), tmp_path / "commit-killed"
-    job = spec(sample.directory, out)
-    report = run_job(JobSpec(**{**job.__dict__, "fault": {"kill_commit_marker": str(marker)}}))
-    assert marker.exists(), "the fault was not injected: the test proves nothing"
+def test_killed_commit_task_is_retried_and_commits_every_row_once(ray_local, sample, clean_run, s3_endpoint,
+                                                                 s3_gate, monkeypatch):
+    """The worker of an episode's commit task is SIGKILLed between its data files and its _SUCCESS
+    (its PUT held at the store): Ray runs the task again, which rewrites the files and commits;
+    every row once, with a clean run's vectors."""
+    import boto3
+
+    source = _uploaded(sample, s3_endpoint)
+    bucket = urlsplit(source).netloc
+    monkeypatch.setenv("ARCFACE_STORAGE__ENDPOINT_URL", s3_gate.url)
+    s3_gate.hold(f"^/{bucket}/out/embeddings/episode_id=ep000/_SUCCESS$", method="PUT", times=1)
+    out = f"s3://{bucket}/out"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+    def keys(prefix: str) -> list[str]:
+        return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+    with job_in_thread(spec(source, out)) as box:
+        try:
+            s3_gate.wait_held(300)
+            ep000 = "out/embeddings/episode_id=ep000/"
+            assert f"{ep000}part-0.parquet" in keys(ep000), "the data files come before the _SUCCESS"
+            # the process that sent the held request: the commit task's worker, by its socket
+            worker = owner_of_port(s3_gate.held_client_ports()[0])
+            assert worker is not None and "commit_episode" in " ".join(worker.cmdline()), worker
+            sigkill(worker)
+        finally:
+            s3_gate.release()
+    report = box["report"]
     assert (report.faces, report.failures, report.episodes_committed) == (sample.decodable, sample.corrupt, 2)
-    assert_exactly_once(read_rows(out), sample, vectors(read_rows(clean_run[0])))
-    assert not (Path(out) / "_staging").exists()
-    assert not list(Path(out).rglob("*.tmp"))
+    rows = read_committed(out, endpoint_url=s3_endpoint)
+    assert_exactly_once(rows, sample, vectors(read_rows(clean_run[0])))
+    assert not keys("out/_staging") and not [k for k in keys("out/") if k.endswith(".tmp")]
+
+
+def _job_config(tmp_path: Path) -> str:
+    """config/episodes.yaml with decode blocks of 8 rows, as ``spec`` runs the in-process jobs: a
+    held row then holds its block alone, not the whole (38-row) input."""
+    import yaml
+
+    from data_jobs.settings import DEFAULT_EPISODES_CONFIG
+
+    config = yaml.safe_load(DEFAULT_EPISODES_CONFIG.read_text())
+    config["episodes"]["decode_batch_size"] = 8
+    path = tmp_path / "episodes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _driver(args: list[str], ray_address: str) -> subprocess.Popen:
+    """The job's console entry in a real process of its own, joined to the session's Ray."""
+    return subprocess.Popen([sys.executable, "-m", "data_jobs.embed_episodes", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ray_address})
+
+
+def _kill_driver(driver: subprocess.Popen) -> str:
+    driver.kill()
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == -9, stderr[-2000:]
+    return stderr
 
 
 def test_driver_killed_after_an_episode_committed_resumes_exactly_once_in_parquet_and_lance(
-        ray_local, sample, clean_run, tmp_path):
-    """SIGKILL of the driver once the first episode is committed (the other still embedding, its
-    Lance append not made): the committed episode stays as it is, the resumed run embeds only the
-    rest, and both sinks hold every row once, with a clean run's vectors."""
+        ray_local, sample, clean_run, s3_endpoint, s3_gate, monkeypatch, tmp_path):
+    """SIGKILL of the driver once the first episode is committed while the other's last row is
+    held at the store (so it cannot commit, and its Lance append is not made): the committed
+    episode stays as it is, the resumed run embeds only the rest, and both sinks hold every row
+    once, with a clean run's vectors."""
     import lancedb
+    import ray
 
+    source = _uploaded(sample, s3_endpoint)
+    monkeypatch.setenv("ARCFACE_STORAGE__ENDPOINT_URL", s3_gate.url)
+    _hold_last_rows(s3_gate, source, ["ep001"])
     out, store = tmp_path / "out", tmp_path / "store"
-    cmd = [sys.executable, "-m", "data_jobs.embed_episodes", "--input", sample.directory,
-           "--output", str(out), "--backend", "onnx", "--model", MODEL, "--batch-size", "4",
-           "--lance", str(store)]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    crashed = subprocess.run([*cmd, "--inject-crash-driver-after-commits", "1"], capture_output=True,
-                             text=True, timeout=600, env=env)
-    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    args = ["--input", source, "--output", str(out), "--backend", "onnx", "--model", MODEL,
+            "--batch-size", "4", "--job-config", _job_config(tmp_path), "--lance", str(store)]
+    driver = _driver(args, ray.get_runtime_context().gcs_address)
+    try:
+        s3_gate.wait_held(300)
+        wait_for("ep000 committed", lambda: committed_episodes(str(out)) or driver.poll() is not None)
+        assert driver.poll() is None, driver.communicate()[1][-2000:]
+        _kill_driver(driver)
+    finally:
+        driver.kill()
+        s3_gate.release()
     first = read_committed(str(out))
-    assert set(first["episode_id"].to_pylist()) == {"ep000"}, "the crash missed the first commit"
+    assert set(first["episode_id"].to_pylist()) == {"ep000"}
     progress = json.loads((out / "progress.json").read_text())
     assert progress["state"] == "running"  # a killed driver leaves the last running snapshot
     committed_files = {k: v for k, v in snapshot(out).items() if "ep000" in k and "_staging" not in k}
-    # the crash is a real process killed; the resume is a driver in this process, on the session's Ray
-    done = run_main(embed_episodes.main, [*cmd[3:], "--json"])
+    # the resume is a driver in this process, on the session's Ray
+    done = run_main(embed_episodes.main, [*args, "--json"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    # the commit of ep001 may have been under way, on a worker the driver's death does not stop
-    assert report["episodes_skipped"] + report["episodes_committed"] == 2
-    assert report["episodes_committed"] <= 1
+    assert (report["episodes_skipped"], report["episodes_committed"]) == (1, 1)
     assert {k: v for k, v in snapshot(out).items() if k in committed_files} == committed_files
     reference = vectors(read_rows(clean_run[0]))
     assert_exactly_once(read_rows(str(out)), sample, reference)
@@ -250,20 +374,36 @@ def test_driver_killed_after_an_episode_committed_resumes_exactly_once_in_parque
     assert json.loads((out / "progress.json").read_text())["state"] == "done"
 
 
-def test_crashed_driver_resumes_without_loss_or_duplicates(ray_local, sample, clean_run, tmp_path):
-    """SIGKILL of the driver mid-job, then: another model over its staging is refused (with the
+def test_crashed_driver_resumes_without_loss_or_duplicates(ray_local, sample, clean_run, s3_endpoint, s3_gate,
+                                                           monkeypatch, tmp_path):
+    """SIGKILL of the driver mid-job (rows of both episodes staged, the last row of each held at
+    the store, so neither committed), then: another model over its staging is refused (with the
     way out); the right one resumes, embeds only the missing rows (faces_per_s counts those),
     commits every row once with a clean run's vectors bit for bit, and cleans the staging and
     temporary files it made, nothing else; leftovers of a commit cut short are cleaned later."""
+    import ray
+
+    source = _uploaded(sample, s3_endpoint)
+    monkeypatch.setenv("ARCFACE_STORAGE__ENDPOINT_URL", s3_gate.url)
+    _hold_last_rows(s3_gate, source, ["ep000", "ep001"])
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_jobs.embed_episodes", "--input", sample.directory,
-           "--output", str(out), "--backend", "onnx", "--batch-size", "4"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    crashed = subprocess.run([*cmd, "--model", MODEL, "--inject-crash-driver-after-files", "2"],
-                             capture_output=True, text=True, timeout=600, env=env)
-    assert crashed.returncode == -9, crashed.stderr[-2000:]  # SIGKILL, mid-job
-    staged = sorted((out / "_staging").rglob("*.parquet"))
-    assert staged, "nothing was staged before the crash"
+    args = ["--input", source, "--output", str(out), "--backend", "onnx", "--batch-size", "4",
+            "--job-config", _job_config(tmp_path)]
+
+    def staged_files() -> list[Path]:
+        return sorted((out / "_staging").rglob("*.parquet"))
+
+    driver = _driver([*args, "--model", MODEL], ray.get_runtime_context().gcs_address)
+    try:
+        s3_gate.wait_held(300)
+        wait_for("2 staged files", lambda: len(staged_files()) >= 2 or driver.poll() is not None)
+        assert driver.poll() is None, driver.communicate()[1][-2000:]
+        _kill_driver(driver)
+    finally:
+        driver.kill()
+        s3_gate.release()
+    assert not committed_episodes(str(out)), "an episode committed with its last row held"
+    staged = staged_files()
     saved = {p: p.read_bytes() for p in staged}
     staged_good = sum(pc.sum(pc.equal(pq.read_table(p)["error"], "")).as_py() for p in staged)
     episode_dir = staged[0].parent
@@ -273,14 +413,14 @@ def test_crashed_driver_resumes_without_loss_or_duplicates(ray_local, sample, cl
     orphan.write_bytes(b"partial")
 
     before = snapshot(out)
-    # the crash is a real process killed; the later runs are drivers in this process (session's Ray)
-    other = run_main(embed_episodes.main, [*cmd[3:], "--model", "synthetic:mobilefacenet@7"])
+    # the later runs are drivers in this process (session's Ray)
+    other = run_main(embed_episodes.main, [*args, "--model", "synthetic:mobilefacenet@7"])
     assert other.returncode == 2, other.stderr[-2000:]
     assert "interrupted run" in other.stderr and f"delete {out}/_staging" in other.stderr, other.stderr[-999:]
     assert "Traceback" not in other.stderr
     assert snapshot(out) == before, "a refused run must not touch the output"
 
-    done = run_main(embed_episodes.main, [*cmd[3:], "--model", MODEL, "--json"])
+    done = run_main(embed_episodes.main, [*args, "--model", MODEL, "--json"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     total = sample.decodable + sample.corrupt
@@ -298,7 +438,7 @@ def test_crashed_driver_resumes_without_loss_or_duplicates(ray_local, sample, cl
     leftover, data = next(iter(saved.items()))
     leftover.write_bytes(data)
     committed = {k: v for k, v in snapshot(out).items() if not k.startswith("_staging")}
-    again = run_main(embed_episodes.main, [*cmd[3:], "--model", MODEL, "--json"])
+    again = run_main(embed_episodes.main, [*args, "--model", MODEL, "--json"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["rows_processed"] == 0
     assert not leftover.exists() and foreign.exists()
