@@ -6,9 +6,11 @@ or how fast this replica's engine is. Here a request is admitted only if
 
 - the faces pending on the replica stay within ``max_pending_faces`` (memory), and
 - the wait it would have before its first batch starts, predicted from the faces ahead of it
-  and the engine's throughput (faces/s: the best of the last ``RATE_WINDOW`` batches, so
-  that small batches at low load, slow per face, do not make the estimate pessimistic when a
-  burst arrives: batches then fill up), is within ``max_wait_s`` (``max_queue_wait_s``);
+  and the engine's throughput (faces/s: the best of the last ``RATE_WINDOW`` batches, and never
+  less than the rate the replica measured at warm-up on one full batch, ``floor_faces_per_s``:
+  small batches at low load, or after a quiet spell or a restart, are slow per face, and must
+  not make the estimate pessimistic when a burst arrives, as batches then fill up), is within
+  ``max_wait_s`` (``max_queue_wait_s``);
 
 otherwise it gets 503 ``overloaded`` at once, with ``Retry-After``. A request admitted on a
 prediction that turns out wrong is still bounded: a chunk whose request has not started within
@@ -47,6 +49,7 @@ class Admission:
         self.max_wait_s = max_wait_s
         self.pending_faces = 0  # admitted and not finished
         self._rates: deque[float] = deque(maxlen=RATE_WINDOW)  # faces/s of recent batches
+        self.floor_faces_per_s: float | None = None  # one full batch's rate, measured at warm-up
         self.rejected = 0
         self.expired = 0
         self.start_waits: deque[float] = deque(maxlen=1000)  # s from admission to first batch, recent
@@ -54,8 +57,10 @@ class Admission:
 
     @property
     def faces_per_s(self) -> float | None:
-        """The engine's throughput: the best faces/s of the recent batches (None before one)."""
-        return max(self._rates) if self._rates else None
+        """The engine's throughput: the best faces/s of the recent batches, at least the warm-up's
+        full-batch rate (None before either)."""
+        rates = [*self._rates, self.floor_faces_per_s or 0.0]
+        return max(rates) or None
 
     def predicted_wait_s(self, extra_faces: int = 0) -> float:
         """Seconds until a request queued now would start, at most: every pending face (the
@@ -127,6 +132,7 @@ class Admission:
         return {
             "pending_faces": self.pending_faces,
             "faces_per_s": self.faces_per_s,
+            "warmup_faces_per_s": self.floor_faces_per_s,
             "predicted_wait_s": self.predicted_wait_s(),
             "max_queue_wait_s": self.max_wait_s,
             "max_pending_faces": self.max_pending_faces,

@@ -112,6 +112,7 @@ class EmbeddingDeployment:
                                      self.engine_info.contract, self.engine_info.embedding_dim, cfg.storage,
                                      self.batching.gallery_reload)
         self._health_face = load_tom_hanks()[None]
+        self.admission.floor_faces_per_s = self._full_batch_rate()
         logger.info(
             "replica ready: %s / %s / %s, max batch %d faces (%s), auth %s",
             self.engine_info.backend,
@@ -121,6 +122,17 @@ class EmbeddingDeployment:
             self._max_batch_source,
             "on" if self.auth.enabled else "off",
         )
+
+    def _full_batch_rate(self) -> float:
+        """Faces/s of one full batch (the engine's optimal one), timed after a warm-up call: the
+        floor of admission's throughput estimate, so that a fresh or long-quiet replica, whose
+        recent batches are small and slow per face, does not refuse a burst it would serve well
+        within ``max_queue_wait_s``."""
+        batch = np.repeat(self._health_face, self._default_max_batch, axis=0)
+        self.engine.encode(self._health_face)
+        started = time.perf_counter()
+        self.engine.encode(batch)
+        return len(batch) / max(time.perf_counter() - started, 1e-6)
 
     # -- batching -----------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -47,6 +47,24 @@ def test_admission_refuses_at_once_what_could_not_start_within_max_wait():
     assert admission.summary()["rejected_overloaded"] == 2
 
 
+def test_a_burst_after_a_quiet_spell_is_admitted_at_the_warm_up_rate():
+    """Only one-face batches since a restart (4 faces/s each): at that rate 64 faces would wait
+    16 s, but the replica measured 256 faces/s on a full batch at warm-up, and 64 faces ahead wait
+    0.25 s at that rate: within the bound, so the burst is admitted, not refused."""
+    admission = Admission(max_pending_faces=10_000, max_wait_s=0.5)
+    admission.floor_faces_per_s = 256.0
+    for _ in range(8):
+        admission.finish_batch(faces=1, encode_s=0.25)
+    assert admission.faces_per_s == 256.0
+    tickets = [admission.admit(64) for _ in range(3)]  # 128 faces ahead of the third: 0.5 s
+    with pytest.raises(RequestError, match="wait about 0.75 s"):
+        admission.admit(1)  # 192 ahead: 0.75 s at the warm-up rate, past the bound
+    admission.finish_batch(faces=64, encode_s=0.125)  # a full batch now runs faster: 512 faces/s
+    assert admission.faces_per_s == 512.0 and admission.summary()["warmup_faces_per_s"] == 256.0
+    for ticket in tickets:
+        admission.release(ticket)
+
+
 def test_a_request_that_did_not_start_within_max_wait_is_dropped_when_its_batch_forms():
     admission = Admission(max_pending_faces=10_000, max_wait_s=0.05)
     late, fresh, started = admission.admit(4), admission.admit(4), admission.admit(4)

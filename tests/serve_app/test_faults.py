@@ -26,6 +26,7 @@ import psutil
 import pytest
 import requests
 import yaml
+from processes import wait_for
 from support import free_port
 
 from serve_app.codec import NPY_MEDIA_TYPE, encode_npy
@@ -117,16 +118,32 @@ def _recovery_s(svc: Service, since: float, faces, timeout_s: float = 180) -> fl
     pytest.fail(f"no answer {timeout_s:.0f} s after the kill")
 
 
-def _load(svc: Service, faces: np.ndarray, kill, n: int = 12):
-    """``n`` requests of 64 faces in flight (HTTP, and one gRPC), ``kill()`` half a second in
-    (together a few seconds of engine work: within max_queue_wait_s, so admitted).
+def _accepted(svc: Service, body: bytes, timeout_s: float = 180) -> None:
+    """Send ``body`` until the service answers 200, waiting each refusal's ``Retry-After`` as a
+    client does: after the previous test's kill and recovery the proxy may still shed for a
+    window, and this waits for the service to accept again instead of racing that window."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resp = requests.post(svc.http + "/v1/embed", data=body, headers=NPY, timeout=120)
+        if resp.status_code == 200:
+            return
+        assert resp.status_code == 503 and time.monotonic() < deadline, resp.text
+        time.sleep(int(resp.headers["retry-after"]))
 
-    One such request first, answered: the replica predicts waits from its recent batches' rate,
-    and after a recovery (the previous test's one-face probes) those are all one-face batches,
-    slow per face, so the burst would be refused ``overloaded`` and nothing be in flight."""
+
+def _admitted_faces(svc: Service) -> int:
+    info = requests.get(svc.http + "/v1/info", timeout=30).json()
+    return info["service"]["pending_faces"]
+
+
+def _load(svc: Service, faces: np.ndarray, kill, n: int = 12):
+    """``n`` requests of 64 faces in flight (HTTP, and one gRPC), ``kill()`` once the replica
+    reports faces admitted and not finished (together a few seconds of engine work: within
+    max_queue_wait_s, so admitted), i.e. while requests are in flight: an event, not a clock.
+
+    One such request first, answered: the service accepts again (see ``_accepted``)."""
     heavy = encode_npy(np.repeat(faces, 4, axis=0)[:64])
-    warm = requests.post(svc.http + "/v1/embed", data=heavy, headers=NPY, timeout=120)
-    assert warm.status_code == 200, warm.text
+    _accepted(svc, heavy)
 
     def http(_):
         try:
@@ -148,7 +165,7 @@ def _load(svc: Service, faces: np.ndarray, kill, n: int = 12):
     with ThreadPoolExecutor(n + 1) as pool:
         https = [pool.submit(http, i) for i in range(n)]
         rpc = pool.submit(grpc_call)
-        time.sleep(0.5)
+        wait_for("requests in flight on the replica", lambda: _admitted_faces(svc) >= 64, every_s=0.02)
         killed_at = kill()
         return [f.result() for f in https], rpc.result(), killed_at
 
