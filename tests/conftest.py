@@ -41,6 +41,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+UNMARKED_BUDGET_S = 5.0  # an unmarked test (the quick loop's) slower than this is reported
+_seconds: dict[str, float] = {}
+_over_budget: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Add up each test's setup, call and teardown; note every test outside ``integration`` and
+    ``slow`` that took over ``UNMARKED_BUDGET_S`` in all: the quick loop stays quick only if new
+    slow tests get marked or made fast. (With xdist this runs on the controller too, which gets
+    every worker's reports.)"""
+    _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+    if report.when != "teardown":
+        return
+    total = _seconds.pop(report.nodeid)
+    if total > UNMARKED_BUDGET_S and not {"integration", "slow"} & set(report.keywords):
+        _over_budget.append((total, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _over_budget:
+        terminalreporter.section(f"unmarked tests over {UNMARKED_BUDGET_S:g} s: mark them or make them fast")
+        for seconds, nodeid in sorted(_over_budget, reverse=True):
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the session: 2 CPUs, no dashboard, small object store.
@@ -52,6 +77,8 @@ def ray_local():
     metrics_port = free_port()
     init_local_ray(metrics_port)
     yield metrics_port
+    if not ray.is_initialized():  # the fake cluster's tests ran last and left no local Ray
+        return
     try:
         from ray import serve
 

@@ -26,7 +26,9 @@ def fake_cluster():
         idle_timeout_minutes=0.1,  # 6 s: nodes go away soon after their last actor
         env=FAST_SERVE_METRICS,
     )
-    with ray_connection_suspended():
+    # not restored: a session fixture ends with the session, and tests/conftest.py runs these
+    # tests last, so no test on the session's Ray follows (a restart only to shut it down)
+    with ray_connection_suspended(restore=False):
         cluster.start()
         try:
             ray.init(address=cluster.address, namespace="arcface-cluster-tests", log_to_driver=False)

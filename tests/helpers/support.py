@@ -67,12 +67,12 @@ def init_local_ray(metrics_port: int) -> None:
 
 
 @contextmanager
-def ray_connection_suspended():
+def ray_connection_suspended(restore: bool = True):
     """Leave this process's Ray (and Serve) for a while, e.g. to drive another cluster.
 
     A driver holds one connection, so a test on another cluster must first shut the
-    session's local Ray down; afterwards it is started again with the same settings,
-    so ``ray_local`` holds for any test that runs later. (Serve state on the local Ray
+    session's local Ray down; afterwards, with ``restore``, it is started again with the same
+    settings, so ``ray_local`` holds for any test that runs later. (Serve state on the local Ray
     is not restored: ``tests/conftest.py`` orders the tests that use another cluster last.)
     """
     import ray
@@ -91,7 +91,7 @@ def ray_connection_suspended():
 
             serve.shutdown()
             ray.shutdown()
-        if was_local:
+        if was_local and restore:
             init_local_ray(_LOCAL_RAY["metrics_port"])
 
 

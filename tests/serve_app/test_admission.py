@@ -57,7 +57,7 @@ def test_a_burst_after_a_quiet_spell_is_admitted_at_the_warm_up_rate():
         admission.finish_batch(faces=1, encode_s=0.25)
     assert admission.faces_per_s == 256.0
     tickets = [admission.admit(64) for _ in range(3)]  # 128 faces ahead of the third: 0.5 s
-    with pytest.raises(RequestError, match="wait about 0.75 s"):
+    with pytest.raises(RequestError, match=r"wait about 0\.75 s"):
         admission.admit(1)  # 192 ahead: 0.75 s at the warm-up rate, past the bound
     admission.finish_batch(faces=64, encode_s=0.125)  # a full batch now runs faster: 512 faces/s
     assert admission.faces_per_s == 512.0 and admission.summary()["warmup_faces_per_s"] == 256.0
