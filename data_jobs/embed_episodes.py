@@ -1,8 +1,8 @@
 """The episode job's command line: arguments -> ``JobSpec``, the report, exit codes.
 
 ``python -m data_jobs.embed_episodes`` and ``arcface embed-episodes`` both end here. Flags
-override ``config/episodes.yaml``. Faults are never injected here: the tests kill real
-processes from outside (``tests/helpers/processes.py``, ``tests/helpers/s3_gate.py``).
+override ``config/episodes.yaml``. No flag or parameter stages a failure: the fault tests
+kill real processes from outside (``tests/helpers/processes.py``, ``tests/helpers/s3_gate.py``).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ REASONS: dict[str, int] = {
     "unauthorized": 401,
     "cross_origin": 403,
     "not_found": 404, "method_not_allowed": 405, "timeout": 408,
-    "contract_mismatch": 409,
+    "contract_mismatch": 409, "no_gallery": 409,
     "body_too_large": 413, "too_many_faces": 413, "image_too_large": 413, "request_too_large": 413,
     "unsupported_media_type": 415, "unsupported_format": 415,
     "not_an_image": 422, "bad_shape": 422, "bad_dtype": 422, "empty": 422, "not_aligned": 422,

@@ -304,14 +304,16 @@ def test_killed_commit_task_is_retried_and_commits_every_row_once(ray_local, sam
 
 
 def _job_config(tmp_path: Path) -> str:
-    """config/episodes.yaml with decode blocks of 8 rows, as ``spec`` runs the in-process jobs: a
-    held row then holds its block alone, not the whole (38-row) input."""
+    """config/episodes.yaml with decode blocks of 8 rows, as ``spec`` runs the in-process jobs (a
+    held row then holds its block alone, not the whole 38-row input), and no wall-clock limit on
+    a read (a row held longer than ``read_timeout_s`` would become an error row: the test, not a
+    clock, decides when the held read goes on)."""
     import yaml
 
     from data_jobs.settings import DEFAULT_EPISODES_CONFIG
 
     config = yaml.safe_load(DEFAULT_EPISODES_CONFIG.read_text())
-    config["episodes"]["decode_batch_size"] = 8
+    config["episodes"].update(decode_batch_size=8, read_timeout_s=0)
     path = tmp_path / "episodes.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)

@@ -189,6 +189,18 @@ def test_grpc_unknown_answer_encoding_is_invalid_argument(main_url, channel, stu
     assert len(ok.embeddings) == 1
 
 
+def test_identify_without_a_gallery_is_failed_precondition_no_gallery(main_url, stub, faces):
+    """HTTP 409 ``no_gallery`` and its gRPC twin, ``FAILED_PRECONDITION`` with our reason (was
+    ``bad_request: no_gallery``: the reason was missing from the table)."""
+    crop = base64.b64encode(faces[0].tobytes()).decode()
+    resp = requests.post(main_url + "/v1/identify", json={"crops": [crop]}, timeout=60)
+    assert resp.status_code == 409 and resp.json()["error"]["reason"] == "no_gallery", resp.text
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Identify(pb.IdentifyRequest(crops=faces[:1].tobytes()), metadata=GRPC_META, timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details().startswith("no_gallery: this service has no gallery"), info.value.details()
+
+
 def test_grpc_bad_input_is_invalid_argument(main_url, stub, faces):
     with pytest.raises(grpc.RpcError) as info:
         stub.EmbedBatch(pb.EmbedBatchRequest(crops=b"\x00" * 100), metadata=GRPC_META, timeout=30)
@@ -567,8 +579,16 @@ def test_grpc_bad_input_gets_its_status_in_our_format(main_url, channel, stub, f
     assert len(ok.embeddings) == 1
 
 
+@pytest.fixture(scope="module")
+def small_app(serve_endpoints) -> str:
+    """An application whose replicas refuse bodies over 100 KiB (deployed once for both tests
+    that need it: each deploy starts a replica)."""
+    deploy("small", {"max_body_mb": 0.1})
+    return "small"
+
+
 def test_grpc_messages_over_max_body_are_refused_by_the_proxy_and_the_replica(serve_endpoints, channel, stub,
-                                                                             faces):
+                                                                             faces, small_app):
     """The proxy's gRPC limit is max_body_mb (16 MB, not Serve's 2 GiB): a 17 MB message never
     reaches a replica; a replica with a smaller max_body_mb refuses what is over it."""
     big = pb.EmbedBatchRequest(crops=b"\x00" * (17 << 20))
@@ -576,8 +596,7 @@ def test_grpc_messages_over_max_body_are_refused_by_the_proxy_and_the_replica(se
         stub.EmbedBatch(big, metadata=GRPC_META, timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
     assert not info.value.details().startswith("body_too_large"), "the replica, not the proxy, refused it"
-    deploy("small", {"max_body_mb": 0.1})
-    small = (("application", "small"),)
+    small = (("application", small_app),)
     with pytest.raises(grpc.RpcError) as info:
         stub.EmbedBatch(pb.EmbedBatchRequest(crops=faces[:8].tobytes()), metadata=small, timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -601,9 +620,8 @@ def test_unknown_routes_and_methods_answer_in_our_shape(serve_endpoints, main_ur
         assert_no_leak(resp.text)
 
 
-def test_oversized_body_is_refused(serve_endpoints, faces):
-    deploy("small", {"max_body_mb": 0.1})
-    url = serve_endpoints.http + "/small/v1/embed"
+def test_oversized_body_is_refused(serve_endpoints, faces, small_app):
+    url = f"{serve_endpoints.http}/{small_app}/v1/embed"
     big = encode_npy(np.zeros((8, 112, 112, 3), np.uint8))  # ~300 KB > 100 KiB
     resp = requests.post(url, data=big, headers={"content-type": NPY_MEDIA_TYPE}, timeout=60)
     assert resp.status_code == 413 and resp.json()["error"]["reason"] == "body_too_large"
