@@ -307,13 +307,15 @@ def _job_config(tmp_path: Path) -> str:
     """config/episodes.yaml with decode blocks of 8 rows, as ``spec`` runs the in-process jobs (a
     held row then holds its block alone, not the whole 38-row input), and no wall-clock limit on
     a read (a row held longer than ``read_timeout_s`` would become an error row: the test, not a
-    clock, decides when the held read goes on)."""
+    clock, decides when the held read goes on). Decode tasks take a quarter CPU: a held one keeps
+    its CPU, and with two held the actor (1), a staging write and a commit (1/4 each) must
+    still fit the session's 2 CPUs, or the writes the test waits for never start."""
     import yaml
 
     from data_jobs.settings import DEFAULT_EPISODES_CONFIG
 
     config = yaml.safe_load(DEFAULT_EPISODES_CONFIG.read_text())
-    config["episodes"].update(decode_batch_size=8, read_timeout_s=0)
+    config["episodes"].update(decode_batch_size=8, read_timeout_s=0, decode_num_cpus=0.25)
     path = tmp_path / "episodes.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
