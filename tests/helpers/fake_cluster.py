@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from processes import wait_for
 from support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,11 +215,5 @@ def worker_nodes(accelerator: str | None = None, include_gone: bool = False) -> 
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached in {timeout_s:.0f} s")
-        time.sleep(interval_s)
+    """``predicate()`` once truthy (``processes.wait_for``, polled every ``interval_s``)."""
+    return wait_for(what, predicate, timeout_s, interval_s)
