@@ -77,6 +77,7 @@ def test_a_taken_port_is_refused_before_serve_starts(kind):
     check_ports_free(config)  # free again
 
 
+@pytest.mark.slow  # a real `arcface serve` process (7 s: the conftest's budget for unmarked tests is 5 s)
 def test_arcface_serve_exits_with_a_clear_message_on_a_taken_port():
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
