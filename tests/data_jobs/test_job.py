@@ -193,11 +193,12 @@ def test_compare_inprocess_splits_the_ratio_in_its_factors(ray_local, sample, tm
     assert "why       engine share of the CPU" in done.stdout
 
 
-def _uploaded(sample, s3_endpoint: str) -> str:
-    """The sample's directory layout in a fresh bucket of the real S3 server; its URI."""
+def _uploaded(sample, s3_endpoint: str, bucket: str | None = None) -> str:
+    """The sample's directory layout in a new bucket (``bucket``, or a fresh name) of the real S3
+    server, under ``episodes/``; its URI."""
     import boto3
 
-    bucket = f"episodes-{uuid.uuid4().hex[:12]}"
+    bucket = bucket or f"episodes-{uuid.uuid4().hex[:12]}"
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
     root = Path(sample.directory)
@@ -454,11 +455,9 @@ def test_s3_input_and_output(ray_local, sample, s3_endpoint, monkeypatch, tmp_pa
 
     monkeypatch.setenv("ARCFACE_STORAGE__ENDPOINT_URL", s3_endpoint)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket="frames")
+    source = _uploaded(sample, s3_endpoint, "frames")
     root = Path(sample.directory)
-    for path in root.rglob("*.jpg"):
-        s3.upload_file(str(path), "frames", f"episodes/{path.relative_to(root)}")
-    report = run_job(spec("s3://frames/episodes", "s3://frames/out", lance_uri="s3://frames/store"))
+    report = run_job(spec(source, "s3://frames/out", lance_uri="s3://frames/store"))
     assert report.faces == sample.decodable and report.failures == sample.corrupt
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="frames", Prefix="out/")["Contents"]]
     assert "out/embeddings/episode_id=ep000/_SUCCESS" in keys and "out/progress.json" in keys
