@@ -19,8 +19,11 @@ class ServeEndpoints:
     metrics_port: int
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_endpoints(ray_local) -> ServeEndpoints:
+    """Serve for this package's tests, shut down when they are done: an idle Serve (controller,
+    proxy, HAProxy) still costs a fifth of a core on the 2-core test host, taken from every
+    later test (the demo's ran a minute slower beside it)."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
@@ -30,7 +33,49 @@ def serve_endpoints(ray_local) -> ServeEndpoints:
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
         controller_options=controller_options(load_serve_config()),
     )
-    return ServeEndpoints(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", ray_local)
+    yield ServeEndpoints(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", ray_local)
+    serve.shutdown()
+
+
+def _applications() -> set[str]:
+    """The Serve applications on the session's Ray; empty where Serve is not running (a test
+    that needs no Serve must not start it)."""
+    import ray
+
+    if not ray.is_initialized():
+        return set()
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return set(serve.status().applications)
+    except RayServeException:
+        return set()
+
+
+def _delete_applications_since(before: set[str]) -> None:
+    from ray import serve
+
+    for name in sorted(_applications() - before):
+        serve.delete(name, _blocking=False)  # the controller stops it while the next test runs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_applications_deleted():
+    """Each application a module's fixtures deploy is deleted when the module ends, and
+    (below) each one a test deploys when that test ends: an idle replica costs about 4% of a
+    core here (the suite reports metrics every second), and the ~17 applications the tests
+    left alive together took half of this 2-core host from every test after them."""
+    before = _applications()
+    yield
+    _delete_applications_since(before)
+
+
+@pytest.fixture(autouse=True)
+def _test_applications_deleted(_module_applications_deleted):
+    before = _applications()
+    yield
+    _delete_applications_since(before)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The error shape and its catch-alls as ASGI components, driven through the ASGI interface
 with the messages Serve's proxy and a replica really send (no Ray here; the same components
-run behind real Serve in test_service.py and test_faults.py)."""
+run behind real Serve in test_service.py and test_arcface_serve.py)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,14 @@
-"""kill -9 of a replica and of the proxy under load: what the requests in flight get, and how
-long until the service answers again. The service runs as `arcface serve` in its own process
-with its own Ray, so the processes killed here are ones this test started (found among that
-process's descendants, never by name alone).
+"""One ``arcface serve`` process, with its own Ray, shared by the tests that need a whole
+started service (each start costs about a minute of this 2-core host's CPU), in this order:
 
-The measured times are printed (``pytest -s``) and written to ``$ARCFACE_FAULTS_JSON`` when
-set; README "Faults and recovery" quotes them.
+1. tracing: Serve's spans and ours (decode, queue, encode) reach an OTLP/HTTP collector
+   running in this process (``tracing_config`` on, every request sampled);
+2. ``arcface bench-overload --url``: 503 rate, latency and recovery against it;
+3. kill -9 of the replica and of the proxy under load, last: what the requests in flight get,
+   and how long until the service answers again. The processes killed are ones this module
+   started (found among that process's descendants, never by name alone). The measured times
+   are printed (``pytest -s``) and written to ``$ARCFACE_FAULTS_JSON`` when set; README
+   "Faults and recovery" quotes them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import psutil
 import pytest
 import requests
 import yaml
+from otlp_collector import Collector
 from processes import wait_for
 from support import free_port
 
@@ -45,6 +50,7 @@ class Service:
     proc: subprocess.Popen
     http: str
     grpc: str
+    collector: Collector
 
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
@@ -64,30 +70,33 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Service:
-    """`arcface serve` on free ports: one replica of the mobilefacenet engine, a queue wait long
+    """`arcface serve` on free ports: one replica of the mobilefacenet engine; a queue wait long
     enough that the requests sent here are admitted even on a busy host (they must be in flight
-    when the kill comes; after a proxy kill the replica still runs what it admitted)."""
+    when a kill comes; after a proxy kill the replica still runs what it admitted); tracing on,
+    every request sampled, exported to a collector in this process."""
+    collector = Collector()
     config = yaml.safe_load(DEFAULT_SERVE_CONFIG.read_text())
+    config["tracing_config"] = {**config["tracing_config"], "enabled": True, "sampling_ratio": 1.0}
+    env_vars = config["controller_options"]["runtime_env"]["env_vars"]
+    env_vars["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = collector.url
     app = config["applications"][0]
     app["args"].update({"model": "synthetic:mobilefacenet", "backend": "onnx", "max_queue_wait_s": 30})
     dep = app["deployments"][0]
     dep.pop("autoscaling_config")
     dep.update({"num_replicas": 1, "health_check_period_s": 2})
-    path = tmp_path_factory.mktemp("faults") / "serve.yaml"
+    path = tmp_path_factory.mktemp("served") / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     http_port, grpc_port = free_port(), free_port()
     log = open(path.parent / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, never ours
+    env["OTEL_BSP_SCHEDULE_DELAY"] = "500"  # spans exported every 0.5 s, not 5 s: the test waits less
     proc = subprocess.Popen([sys.executable, "-m", "engines", "serve", "--config", str(path),
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    svc = Service(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    svc = Service(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", collector)
     try:
-        deadline = time.monotonic() + 240
-        while not _answers(svc):
-            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-            assert time.monotonic() < deadline, "service not up: " + Path(log.name).read_text()[-3000:]
-            time.sleep(1)
+        wait_for("arcface serve answering", lambda: _running(svc, log.name) and _answers(svc),
+                 timeout_s=240, every_s=0.5)
         yield svc
     finally:
         proc.send_signal(signal.SIGINT)  # arcface serve shuts Serve and its Ray down
@@ -97,9 +106,15 @@ def service(tmp_path_factory) -> Service:
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
             proc.wait(30)
         log.close()
+        collector.server.shutdown()
         out = os.environ.get("ARCFACE_FAULTS_JSON")
         if out and RESULTS:
             Path(out).write_text(json.dumps(RESULTS, indent=2))
+
+
+def _running(svc: Service, log: str) -> bool:
+    assert svc.proc.poll() is None, "arcface serve exited:\n" + Path(log).read_text()[-3000:]
+    return True
 
 
 def _answers(svc: Service, faces: np.ndarray | None = None) -> bool:
@@ -168,6 +183,72 @@ def _load(svc: Service, faces: np.ndarray, kill, n: int = 12):
         wait_for("requests in flight on the replica", lambda: _admitted_faces(svc) >= 64, every_s=0.02)
         killed_at = kill()
         return [f.result() for f in https], rpc.result(), killed_at
+
+
+OUR_SPANS = {"arcface.decode", "arcface.queue", "arcface.encode"}
+
+
+def _traced(collector: Collector) -> list | None:
+    """The spans, once ours of a request have arrived with the Serve span each decode ran in
+    (the exporters send on their own schedule: the test waits for this event, not a clock)."""
+    spans = collector.received()
+    names = {span.name for span in spans}
+    serve_ids = {span.span_id for span in spans if span.name not in OUR_SPANS}
+    decode = [span for span in spans if span.name == "arcface.decode"]
+    if names >= OUR_SPANS and all(span.parent_span_id in serve_ids for span in decode):
+        return spans
+    return None
+
+
+def test_serve_and_our_spans_reach_an_otlp_collector(service):
+    import cv2
+
+    from engines.models.sample_faces import source_faces
+    from serve_app.client import EmbeddingClient
+
+    t1 = [f for f in source_faces() if f.image_file == "t1.jpg"][:2]
+    png = cv2.imencode(".png", t1[0].image)[1].tobytes()
+    with EmbeddingClient(service.http) as client:
+        for _ in range(3):
+            client.embed_images([png] * 2, landmarks=[f.landmarks for f in t1])
+    spans = wait_for("our spans and Serve's at the collector", lambda: _traced(service.collector),
+                     timeout_s=120)
+    ours = [s for s in spans if s.name in OUR_SPANS]
+    serve_ids = {s.span_id for s in spans if s.name not in OUR_SPANS}
+    assert serve_ids, f"no span of Serve's own: {sorted({s.name for s in spans})}"  # proxy's and replica's
+    decode = [s for s in ours if s.name == "arcface.decode"]
+    assert decode and all(s.parent_span_id in serve_ids for s in decode)  # inside Serve's request span
+    attrs = {kv.key: kv.value for s in ours if s.name == "arcface.encode" for kv in s.attributes}
+    assert attrs["arcface.batch_faces"].int_value >= 2
+    queue = [s for s in ours if s.name == "arcface.queue"]
+    assert all(s.end_time_unix_nano >= s.start_time_unix_nano for s in queue)
+    assert {s.trace_id for s in decode} & {s.trace_id for s in queue}  # one trace per request
+
+
+def test_bench_overload_measures_503s_latency_and_recovery(service):
+    """``arcface bench-overload`` against the running service (``--url``; its ``--start`` path is
+    ``bench-serve --start``'s, tested in test_launch.py, and ``--replicas`` is a config override
+    tested there too)."""
+    env = {**os.environ, "ARCFACE_MODEL": "synthetic:mobilefacenet", "ARCFACE_BACKEND": "onnx"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "engines", "bench-overload", "--url", service.http,
+         "--factors", "2,4", "--duration", "1", "--repeat", "2",
+         "--calibrate", "1", "--capacity-clients", "8", "--recovery-timeout", "30", "--json"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["unloaded"]["p99_ms"] >= out["unloaded"]["p50_ms"] > 0
+    assert out["capacity"]["requests_per_s"] > 0 and not out["capacity"]["given"]
+    assert [(p["factor"], p["repeat"]) for p in out["points"]] == [(2, 0), (4, 0), (2, 1), (4, 1)]
+    for point in out["points"]:
+        assert point["sent"] > 0 and point["offered_rps"] == pytest.approx(
+            point["factor"] * out["capacity"]["requests_per_s"])
+        assert 0 <= point["rate_503"] <= 1 and sum(point["statuses"].values()) == point["sent"]
+        assert point["errors_not_our_shape"] == 0 and point["rejections_without_retry_after"] == 0
+        assert point["recovery_s"] is not None
+    assert set(out["summary"]) == {"x2", "x4"} and out["summary"]["x2"]["rate_503"]["missing"] == 0
+    assert out["engine"]["backend"] == "onnx" and out["cpu"]
 
 
 def test_kill_9_of_the_replica_answers_its_requests_503_and_recovers(service, faces):
