@@ -11,7 +11,11 @@ from engines import DemoStep
 logger = logging.getLogger(__name__)
 
 
-def demo_step(cfg, model, workdir) -> dict[str, Any]:
+def demo_step(cfg, model, workdir, verbose: bool = False) -> dict[str, Any]:
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_console then quiets)
+
+    from engines import quiet_console
+
     from .embed_episodes import format_report
     from .job import JobSpec, run_job
     from .reader import read_committed
@@ -19,6 +23,8 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
     from .settings import load_job_settings
 
     print("\n== 6. offline job: Ray Data over sample episodes ==", flush=True)
+    if not verbose:
+        quiet_console("ray")
     sample = make_sample_episodes(workdir / "sample", episodes=3, tracks=3, frames=12, corrupt=1)
     print(f"sample-episodes: {sample.faces} faces + {sample.corrupt} corrupt file in {sample.directory}")
     out = workdir / "episodes-out"

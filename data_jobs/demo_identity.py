@@ -9,8 +9,10 @@ from typing import Any
 from engines import DemoStep
 
 
-def demo_step(cfg, model, workdir) -> dict[str, Any]:
-    from engines import SAMPLE_JITTER, get_engine, make_sample_gallery
+def demo_step(cfg, model, workdir, verbose: bool = False) -> dict[str, Any]:
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_console then quiets)
+
+    from engines import SAMPLE_JITTER, get_engine, make_sample_gallery, quiet_console
 
     from .assign_tracks import AssignSpec, format_screen_time, run_assign
     from .job import JobSpec, run_job
@@ -18,6 +20,8 @@ def demo_step(cfg, model, workdir) -> dict[str, Any]:
     from .settings import load_job_settings
 
     print("\n== 8. tracks -> identities, screen time per episode ==", flush=True)
+    if not verbose:
+        quiet_console("ray")
     sample = make_sample_gallery(get_engine(cfg.embedding.backend, cfg.embedding.model, config=cfg),
                                  workdir / "gallery")
     episodes = make_sample_episodes(workdir / "identity-sample", episodes=2, tracks=5, frames=10,

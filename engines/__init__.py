@@ -26,6 +26,7 @@ from .cli.common import (
     emit_json,
     positive_int,
     positive_ints,
+    quiet_console,
     run_with_exit_codes,
 )
 from .config.loader import REPO_CONFIG_DIR, load_config
@@ -155,6 +156,7 @@ __all__ = [
     "orphan_tmp_files",
     "positive_int",
     "positive_ints",
+    "quiet_console",
     "ratio_parts",
     "ratio_summary",
     "read_bytes",

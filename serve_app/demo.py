@@ -23,15 +23,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def demo_step(cfg, model, workdir) -> dict[str, Any]:
+def demo_step(cfg, model, workdir, verbose: bool = False) -> dict[str, Any]:
     import cv2
+    import ray.serve  # noqa: F401  (configures Ray's and Serve's loggers, which quiet_console then quiets)
 
-    from engines import get_engine, source_faces
+    from engines import get_engine, quiet_console, source_faces
 
     from . import launch
     from .client import EmbeddingClient, GrpcEmbeddingClient
 
     print("\n== 5. online service: Ray Serve, HTTP + gRPC ==", flush=True)
+    if not verbose:
+        quiet_console("ray")
     config = launch.load_serve_config(
         http_port=_free_port(), grpc_port=_free_port(), http_host="127.0.0.1",
         app_args={"embedding_config": cfg.source if cfg.source != "<defaults>" else None,

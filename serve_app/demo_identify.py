@@ -10,15 +10,18 @@ from typing import Any
 from engines import DemoStep
 
 
-def demo_step(cfg, model, workdir) -> dict[str, Any]:
+def demo_step(cfg, model, workdir, verbose: bool = False) -> dict[str, Any]:
+    import ray.serve  # noqa: F401  (configures Ray's and Serve's loggers, which quiet_console then quiets)
     import requests
 
-    from engines import get_engine, make_sample_gallery, sample_jitters, source_faces
+    from engines import get_engine, make_sample_gallery, quiet_console, sample_jitters, source_faces
 
     from . import launch
     from .demo import _free_port
 
     print("\n== 7. gallery and 1:N identify over HTTP ==", flush=True)
+    if not verbose:
+        quiet_console("ray")
     engine = get_engine(cfg.embedding.backend, cfg.embedding.model, config=cfg)
     sample = make_sample_gallery(engine, workdir / "gallery")
     print(f"gallery enroll: {len(sample.enrolled)} identities ({', '.join(sample.enrolled)}) into "

@@ -66,6 +66,9 @@ def _landmarks(form) -> Any:
         return None
     try:
         return json.loads(text)
+    except RecursionError:  # the same answer a JSON body nested this deep gets, a 4xx, not a 500
+        raise RequestError(422, "bad_landmarks",
+                           "'landmarks' part is not valid JSON: nested too deeply") from None
     except ValueError as exc:
         raise RequestError(422, "bad_landmarks", f"'landmarks' part is not valid JSON: {exc}") from None
 

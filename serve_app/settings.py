@@ -48,6 +48,9 @@ class ServeAppSettings:
     auth_token_file: str | None = None
     decode_threads: int = field(default=2, metadata={"min": 1})
     gallery: str | None = None  # the gallery /v1/identify searches; default identity.gallery
+    # names browsers may reach the service by (host or host:port), besides IP addresses and
+    # localhost: a browser's request under any other name is refused (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def parse_settings(args: dict[str, Any] | None) -> ServeAppSettings:

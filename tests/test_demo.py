@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -34,3 +35,9 @@ def test_demo_runs_every_step_and_every_check_passes(tmp_path):
         assert drift["min_cosine_sim"] >= 0.99999  # the fp32 contract (README "Contracts")
     assert {"serve", "offline", "identify", "assign"} <= set(summary), sorted(summary)
     assert "synthetic:mobilefacenet" in proc.stdout
+    # the demo's own story only: no line of Ray's loggers (core and Data: "<time>\tINFO x.py:N --",
+    # Serve: "INFO <time> serve <pid> --"), nor a worker's or raylet's forwarded line
+    ray_line = re.compile(r"^(\S+ \S+\t[A-Z]+ \S+:\d+ -- |[A-Z]+ \S+ \S+ serve \d+ -- "
+                          r"|\x1b\[\d+m\((raylet|pid=))")
+    rays = [line for line in (proc.stdout + proc.stderr).splitlines() if ray_line.match(line)]
+    assert not rays, rays[:5]

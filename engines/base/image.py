@@ -21,6 +21,7 @@ in this order, so that no crafted file costs memory or crashes a worker:
 from __future__ import annotations
 
 import io
+import re
 import struct
 
 import cv2
@@ -136,6 +137,19 @@ def check_image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
     return fmt, pixels
 
 
+_OPENCV_PREFIX = re.compile(r"^OpenCV\([^)]*\)\s+\S+:\d+:\s*error:\s*")
+_OPENCV_FUNCTION = re.compile(r"\s+in function '[^']*'$")
+
+
+def opencv_reason(exc: Exception) -> str:
+    """What an OpenCV error says, without its version, build path, source line and function
+    (``OpenCV(4.x) /io/opencv/modules/imgcodecs/src/loadsave.cpp:75: error: (-215:...) ... in
+    function '...'``): a client's error message names its input, not our build."""
+    lines = str(exc).strip().splitlines() or [""]
+    reason = _OPENCV_FUNCTION.sub("", _OPENCV_PREFIX.sub("", lines[-1].strip()))
+    return reason[:200] or type(exc).__name__
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """``data`` (an encoded JPEG, PNG, WebP, BMP or TIFF) -> ``(H, W, 3)`` uint8 BGR.
 
@@ -146,9 +160,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as exc:  # some crafted BMP / TIFF headers raise instead of returning None
-        reason = str(exc).strip().splitlines()[-1][:200]
-        raise ImageRejected("not_an_image", f"{fmt.upper()} decoder error ({len(data)} bytes): {reason}") \
-            from None
+        raise ImageRejected("not_an_image", f"{fmt.upper()} decoder error ({len(data)} bytes): "
+                                            f"{opencv_reason(exc)}") from None
     if image is None:
         raise ImageRejected("not_an_image", f"bytes are not a decodable {fmt.upper()} image "
                                             f"({len(data)} bytes)")

@@ -50,14 +50,30 @@ class Command:
 class DemoStep:
     """A step of ``arcface demo`` a shell contributes (``arcface.demo_steps`` entry points).
 
-    ``run(cfg, model, workdir)`` returns a dict with ``name`` and ``ok``; ``arcface demo
-    --skip-<name>`` skips it (``skip_help`` is that flag's help); steps run by ``order``.
+    ``run(cfg, model, workdir, verbose=False)`` returns a dict with ``name`` and ``ok``; a step
+    that starts Ray calls ``quiet_console("ray")`` unless ``verbose`` (``arcface demo
+    --verbose``). ``arcface demo --skip-<name>`` skips it (``skip_help`` is that flag's help);
+    steps run by ``order``.
     """
 
     name: str
     order: int
     skip_help: str
     run: Callable[..., dict[str, Any]]
+
+
+def quiet_console(prefix: str, level: int = logging.ERROR) -> None:
+    """Let only ``level`` and above of the loggers under ``prefix`` (e.g. ``"ray"``) reach the
+    terminal; their log files keep everything. A library's own INFO and WARNING lines (Ray's
+    start-up notices, Ray Data's progress dumps, retried-task warnings) drown the story a
+    command tells. Applies to the loggers configured so far: call it after importing the
+    library's modules (Ray configures its loggers on import)."""
+    for name, found in logging.root.manager.loggerDict.items():
+        if not isinstance(found, logging.Logger) or (name != prefix and not name.startswith(prefix + ".")):
+            continue
+        for handler in found.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, level))
 
 
 def emit_json(obj: Any) -> None:

@@ -13,12 +13,17 @@ starts were a quarter of the demo's time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import re
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -26,6 +31,59 @@ from .common import Command, DemoStep, add_common
 from .plugins import DEMO_STEPS_GROUP, load_plugins
 
 logger = logging.getLogger(__name__)
+
+
+# A line Ray forwards to the driver's terminal from another process: "(raylet) ...",
+# "(EmbedActor pid=123) ...", colour codes first on a terminal. Ray prints these itself
+# (not through logging), e.g. the retried-task notice every Serve shutdown leaves.
+_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|autoscaler|pid=\d+|\S+ pid=\d+)[^)]*\)")
+
+
+class _ForwardedLinesToFile(io.TextIOBase):
+    """A text stream that passes the demo's own lines to ``terminal`` and sends Ray's forwarded
+    lines (``_FORWARDED``) to ``log`` instead."""
+
+    def __init__(self, terminal: TextIO, log: TextIO) -> None:
+        self.terminal, self.log, self._partial = terminal, log, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self.terminal.isatty()
+
+    def fileno(self) -> int:  # a writer through the descriptor bypasses the filter, as before
+        return self.terminal.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.terminal, "encoding", "utf-8")
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            (self.log if _FORWARDED.match(line) else self.terminal).write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+
+@contextlib.contextmanager
+def _ray_lines_to(path: Path) -> Iterator[None]:
+    """While the shell steps run, Ray's forwarded lines go to ``path``, not the terminal."""
+    with path.open("a") as log:
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = (_ForwardedLinesToFile(stream, log) for stream in streams)
+        try:
+            yield
+        finally:
+            for wrapper in (sys.stdout, sys.stderr):
+                if wrapper._partial:  # type: ignore[union-attr]
+                    wrapper.write("\n")
+                wrapper.flush()
+            sys.stdout, sys.stderr = streams
 
 
 def _step(title: str) -> None:
@@ -40,6 +98,9 @@ def _similarity_table(names: list[str], emb: np.ndarray) -> str:
     for i, name in enumerate(names):
         rows.append(f"{name:<{width}} " + " ".join(f"{s:6.3f}" for s in sims[i]))
     return "\n".join(rows)
+
+
+RAY_LOGS = "/tmp/ray/session_latest/logs"  # Ray's default temp dir (ray.init's _temp_dir)
 
 
 def demo_steps() -> list[DemoStep]:
@@ -106,12 +167,18 @@ def run(args: argparse.Namespace) -> int:
     summary["drift"] = report.to_dict()
     ok &= bool(report.passed)
 
-    for step in demo_steps():
-        if getattr(args, f"skip_{step.name}", False):
-            continue
-        result = step.run(cfg, model, workdir)
-        summary[result["name"]] = result
-        ok &= bool(result.get("ok", True))
+    verbose = bool(getattr(args, "verbose", False))
+    forwarded = workdir / "ray-forwarded.log"
+    if not verbose and demo_steps():
+        print(f"\n(Ray's own logs go to {RAY_LOGS}, and the lines Ray forwards from its processes to "
+              f"{forwarded}; `arcface demo --verbose` shows them here too)")
+    with contextlib.nullcontext() if verbose else _ray_lines_to(forwarded):
+        for step in demo_steps():
+            if getattr(args, f"skip_{step.name}", False):
+                continue
+            result = step.run(cfg, model, workdir, verbose=verbose)
+            summary[result["name"]] = result
+            ok &= bool(result.get("ok", True))
 
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (workdir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -122,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help=f"show Ray's own log lines in the terminal too (by default only in {RAY_LOGS})")
     for step in demo_steps():
         p.add_argument(f"--skip-{step.name}", action="store_true", help=step.skip_help)
     p.add_argument("--workdir", help="where demo data goes (default: a temp dir)")

@@ -16,6 +16,7 @@ Environment overrides (applied after the file, documented in the README):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import typing
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 from ..errors import ConfigError
 from .schema import BACKEND_NAMES, DEFAULT_TENSORRT_CONFIG, Config, batch_order_error
 from .typed import build_typed, read_yaml_mapping
+
+logger = logging.getLogger(__name__)
 
 # the repository's config/ directory (engines/config/loader.py -> <repo>/config)
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
@@ -61,6 +64,49 @@ def _env_overrides(environ: typing.Mapping[str, str]) -> dict[tuple[str, ...], s
             parts = tuple(p.lower() for p in name[len("ARCFACE_") :].split("__"))
             overrides[parts] = value
     return overrides
+
+
+def _key_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every settable key of ``cls`` as a path (``("identity", "gallery")``), nested sections
+    followed."""
+    paths: list[tuple[str, ...]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            paths.extend(_key_paths(tp, (*prefix, f.name)))
+        else:
+            paths.append((*prefix, f.name))
+    return paths
+
+
+_warned: set[str] = set()
+
+
+def near_miss_variables(environ: typing.Mapping[str, str]) -> dict[str, list[str]]:
+    """``ARCFACE_*`` variables that set nothing but are named after a key (``ARCFACE_GALLERY``
+    for ``identity.gallery``), with the variables that would set it: a silent typo otherwise."""
+    by_leaf: dict[str, list[tuple[str, ...]]] = {}
+    for path in _key_paths(Config):
+        by_leaf.setdefault(path[-1], []).append(path)
+    misses: dict[str, list[str]] = {}
+    for name in environ:
+        if not name.startswith("ARCFACE_") or "__" in name or name in _ALIASES:
+            continue
+        paths = by_leaf.get(name[len("ARCFACE_"):].lower(), [])
+        if paths:
+            misses[name] = ["ARCFACE_" + "__".join(p.upper() for p in path) for path in paths]
+    return misses
+
+
+def _warn_near_misses(environ: typing.Mapping[str, str]) -> None:
+    for name, meant in near_miss_variables(environ).items():
+        if name not in _warned:
+            _warned.add(name)
+            logger.warning("%s sets nothing: no setting has that name; did you mean %s?", name,
+                           " or ".join(meant))
 
 
 def _validate(cfg: Config) -> None:
@@ -120,6 +166,7 @@ def load_config(
                     f"exist; fix the path, or remove the key to use {DEFAULT_TENSORRT_CONFIG!r} "
                     "next to the config when present"
                 )
+    _warn_near_misses(environ)
     for keys, value in _env_overrides(environ).items():
         _set_path(tree, keys, value)
     for dotted, value in (overrides or {}).items():

@@ -202,6 +202,9 @@ MULTIPART_ONLY = [
      "unknown part"),
     ("landmarks not json", {"files": [("images", _png(_PHOTO.image))], "data": {"landmarks": "[[1,"}}, 422,
      "bad_landmarks", "not valid JSON"),
+    ("landmarks nested 5,000 deep", {"files": [("images", _png(_PHOTO.image))],
+                                     "data": {"landmarks": "[" * 5000 + "]" * 5000}}, 422,
+     "bad_landmarks", "nested too deeply"),
     ("aligned not a bool", {"files": [("images", _png(_PHOTO.crop))], "data": {"aligned": "maybe"}}, 422,
      "bad_request", "true or false"),
     ("no files", {"data": {"aligned": "true"}}, 422, "empty", "no faces"),
@@ -244,6 +247,17 @@ def test_a_multipart_upload_from_the_services_own_page_is_taken(url):
                          timeout=60)
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["embeddings"]) == 1
+
+
+@pytest.mark.parametrize("route", ["/v1/embed", "/v1/compare", "/v1/identify"])
+def test_a_page_on_a_rebound_dns_name_is_refused_on_every_route(url, route):
+    """DNS rebinding: the attacker's name resolves to this loopback service, so its page is
+    same-origin to the browser and may POST JSON; the name is one the service does not know."""
+    port = urlsplit(url).port
+    rebound = {"host": f"rebind.evil.example:{port}", "origin": f"http://rebind.evil.example:{port}"}
+    resp = requests.post(url + route, json={"crops": []}, headers=rebound, timeout=60)
+    assert resp.status_code == 403 and resp.json()["error"]["reason"] == "cross_origin", resp.text
+    assert "DNS-rebinding" in resp.json()["error"]["message"]
 
 
 def test_a_multipart_body_over_the_limit_is_refused_before_parsing(serve_endpoints):

@@ -106,21 +106,28 @@ def test_grpc_answers_decode_in_either_encoding_and_bad_ones_are_refused():
 @pytest.mark.parametrize(("headers", "allowed"), [
     ({}, True),  # not a browser: curl -F, serve_app.client
     ({"origin": "http://127.0.0.1:8000", "host": "127.0.0.1:8000"}, True),  # a page the service serves
-    ({"origin": "https://Faces.Example", "host": "faces.example"}, True),
-    ({"origin": "https://faces.example", "host": "10.0.0.5:8000", "x-forwarded-host": "faces.example"}, True),
+    ({"origin": "http://localhost:8000", "host": "localhost:8000"}, True),
+    ({"origin": "http://[::1]:8000", "host": "[::1]:8000"}, True),
+    ({"origin": "https://Faces.Example", "host": "faces.example", "x-forwarded-proto": "https"}, True),
+    ({"origin": "https://faces.example", "host": "10.0.0.5:8000", "x-forwarded-host": "faces.example",
+      "x-forwarded-proto": "https"}, True),
     ({"origin": "https://elsewhere.example", "host": "faces.example"}, False),
     ({"origin": "http://127.0.0.1:9999", "host": "127.0.0.1:8000"}, False),  # another port, another origin
+    ({"origin": "https://127.0.0.1:8000", "host": "127.0.0.1:8000"}, False),  # another scheme
+    ({"origin": "https://faces.example", "host": "faces.example"}, False),  # https page, plain-HTTP service
+    # DNS rebinding: the attacker's name now resolves to 127.0.0.1; Host and Origin agree
+    ({"origin": "http://rebind.evil.example:8000", "host": "rebind.evil.example:8000"}, False),
     ({"origin": "null", "host": "faces.example"}, False),  # a sandboxed frame or a file: page
     ({"origin": "http://[::1", "host": "faces.example"}, False),  # malformed
     ({"origin": "https://faces.example"}, False),  # no Host to be the same as
 ])
-def test_only_the_services_own_origin_may_post_multipart(headers, allowed):
+def test_only_the_services_own_origin_may_post_from_a_browser(headers, allowed):
     from serve_app.origin import check_same_origin
 
     if allowed:
-        check_same_origin(headers)
+        check_same_origin(headers, allowed_hosts=("faces.example",))
         return
     with pytest.raises(RequestError) as err:
-        check_same_origin(headers)
+        check_same_origin(headers, allowed_hosts=("faces.example",))
     assert (err.value.status, err.value.reason) == (403, "cross_origin")
     assert headers["origin"][:20] in err.value.message

@@ -118,3 +118,15 @@ def test_landmarks_of_a_real_face_pass():
 
     for face in source_faces():
         check_landmarks(face.landmarks, face.image.shape)
+
+
+def test_an_opencv_error_is_told_without_its_build_path():
+    import cv2
+
+    from engines.base.image import opencv_reason
+
+    exc = cv2.error("OpenCV(4.12.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:75: error: "
+                    "(-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS "
+                    "in function 'validateInputImageSize'\n")
+    assert opencv_reason(exc) == "(-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS"
+    assert opencv_reason(cv2.error("")) == "error"

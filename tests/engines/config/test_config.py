@@ -97,6 +97,17 @@ def test_bad_environment_override_is_named():
         load_config(environ={"ARCFACE_EMBEDDING__NONSENSE": "1"})
 
 
+def test_a_variable_named_after_a_key_that_sets_nothing_is_warned_about_once(caplog):
+    env = {"ARCFACE_GALLERY": "s3://bucket/gallery", "ARCFACE_SERVE_TOKEN": "x", "ARCFACE_MODEL": "m"}
+    with caplog.at_level("WARNING", logger="engines.config.loader"):
+        cfg = load_config(environ=env)
+        load_config(environ=env)
+    assert cfg.identity.gallery != "s3://bucket/gallery"  # it set nothing
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["ARCFACE_GALLERY sets nothing: no setting has that name; "
+                        "did you mean ARCFACE_IDENTITY__GALLERY?"], warnings
+
+
 def test_cli_style_overrides_win_over_env():
     cfg = load_config(environ={"ARCFACE_BACKEND": "onnx"}, overrides={"embedding.backend": "insightface"})
     assert cfg.embedding.backend == "insightface"

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+# each check is a subprocess per binding version (7 s together): out of the quick loop
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[3]
 CHECKER = ROOT / "tests" / "helpers" / "api_conformance.py"
 VENV = ROOT / ".venv"
