@@ -64,11 +64,11 @@ def measure(faces: int, dim: int = 512, min_s: float = 0.3) -> dict[str, Any]:
         body = answer if isinstance(answer, bytes) else answer.body
         headers = {"content-type": "application/json"} if isinstance(answer, bytes) else {
             k.decode(): v.decode() for k, v in answer.raw_headers}
-        read_back = reader._result(headers, body)
+        read_back = reader._result(headers, body, len(emb))
         if not np.array_equal(read_back.embeddings, emb):
             raise AssertionError(f"{name}: the answer does not read back to the same float32")
         out[name] = {"write_ms": _per_call_ms(write, min_s),
-                     "read_ms": _per_call_ms(lambda h=headers, b=body: reader._result(h, b), min_s),
+                     "read_ms": _per_call_ms(lambda h=headers, b=body: reader._result(h, b, len(emb)), min_s),
                      "bytes": len(body)}
     base = out["stdlib_json"]
     for entry in out.values():

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 NPY = "application/x-npy"
 Transport = Literal["npy", "json"]
 Accept = Literal["base64", "json", "npy"]
-__all__ = ["AsyncEmbeddingClient", "ContractMismatch", "EmbedResult", "EmbeddingClient",
+__all__ = ["AsyncEmbeddingClient", "BadAnswer", "ContractMismatch", "EmbedResult", "EmbeddingClient",
            "GrpcEmbeddingClient", "RetryPolicy", "ServiceError", "decode_embed_response"]
 
 
@@ -57,6 +57,45 @@ class ServiceError(Exception):
         self.status, self.reason, self.message, self.retry_after_s = status, reason, message, retry_after_s
 
 
+class BadAnswer(ServiceError):
+    """An answer that does not add up to what was sent (face count, dimension, dtype, finite unit
+    vectors, norms), or cannot be read at all: the client never hands such an answer on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, "bad_answer", message)
+
+
+UNIT_NORM_TOLERANCE = 1e-3  # float32 L2-normalised vectors are within 1e-6 of unit length
+MIN_EMBEDDING_DIM = 64  # face-embedding models give 128 to 1024 dimensions; fewer is not an answer
+
+
+def checked_answer(embeddings: Any, norms: Any, faces: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(embeddings, norms)`` if they are what ``faces`` sent faces must get back: ``(faces,
+    dim)`` float32 with dim >= ``MIN_EMBEDDING_DIM``, finite, unit length within
+    ``UNIT_NORM_TOLERANCE``, and (when present) ``faces`` finite positive norms; else
+    ``BadAnswer`` saying what is wrong."""
+    if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2 or embeddings.dtype != np.float32:
+        shape = getattr(embeddings, "shape", "?")
+        dtype = getattr(embeddings, "dtype", type(embeddings).__name__)
+        raise BadAnswer(f"embeddings of shape {shape} and dtype {dtype}; expected ({faces}, dim) float32")
+    n, dim = embeddings.shape
+    if n != faces:
+        raise BadAnswer(f"{n} embeddings for {faces} faces sent")
+    if dim < MIN_EMBEDDING_DIM:
+        raise BadAnswer(f"embeddings of dimension {dim}; no face-embedding model has fewer than "
+                        f"{MIN_EMBEDDING_DIM}")
+    if not np.isfinite(embeddings).all():
+        raise BadAnswer("embeddings hold NaN or infinite values")
+    if n and (off := float(np.abs(np.linalg.norm(embeddings, axis=1) - 1.0).max())) > UNIT_NORM_TOLERANCE:
+        raise BadAnswer(f"embeddings are not unit vectors (a length is {off:.3g} off 1)")
+    if norms is None:
+        return embeddings, None
+    norms = np.asarray(norms)
+    if norms.shape != (faces,) or not np.isfinite(norms).all() or (norms <= 0).any():
+        raise BadAnswer(f"norms {norms.shape} do not give one finite positive norm for each of {faces} faces")
+    return embeddings, norms.astype(np.float32, copy=False)
+
+
 class ContractMismatch(Exception):
     """The service answered in another embedding space than the one this client expects."""
 
@@ -70,16 +109,19 @@ class RetryPolicy:
     retries: int = 5
     backoff_s: float = 0.1
     max_backoff_s: float = 10.0
+    max_retry_after_s: float = 60.0  # a server's Retry-After beyond this is not obeyed past it
 
     def delay(self, attempt: int, retry_after_s: float | None) -> float:
-        return max(retry_after_s or 0.0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+        asked = min(retry_after_s or 0.0, self.max_retry_after_s)
+        return max(asked, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
 
 
 def _retry_after(value: str | None) -> float | None:
     try:
-        return float(value) if value else None
+        seconds = float(value) if value else None
     except ValueError:
         return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 def _error(status: int, body: bytes, retry_after: str | None) -> ServiceError:
@@ -142,9 +184,20 @@ class _Protocol:
         b64 = [base64.b64encode(np.ascontiguousarray(c).tobytes()).decode() for c in crops]
         return headers, {"json": {"crops": b64}}
 
-    def _result(self, headers, body: bytes) -> EmbedResult:
-        self.last_timing = {k: float(v) for k, v in headers.items() if k.lower().startswith("x-") and
-                            k.lower().endswith(("-time", "-faces"))}
+    def _result(self, headers, body: bytes, faces: int) -> EmbedResult:
+        """The answer to ``faces`` faces, checked (``checked_answer``); one that cannot be read
+        is a ``BadAnswer`` too, never a raw parsing error."""
+        try:
+            result = self._parse(headers, body)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as exc:
+            raise BadAnswer(f"unreadable answer ({type(exc).__name__}: {str(exc)[:200]})") from None
+        embeddings, norms = checked_answer(result.embeddings, result.norms, faces)
+        return EmbedResult(embeddings, norms, result.contract)
+
+    def _parse(self, headers, body: bytes) -> EmbedResult:
+        timing = {k: v for k, v in headers.items() if k.lower().startswith("x-") and
+                  k.lower().endswith(("-time", "-faces"))}
+        self.last_timing = {k: float(v) for k, v in timing.items()}
         if (headers.get("content-type") or "").startswith(NPY):
             embeddings = np.load(io.BytesIO(body), allow_pickle=False)
             packed = headers.get("x-arcface-norms")
@@ -190,6 +243,9 @@ class _Protocol:
     def _join(parts: list[EmbedResult]) -> EmbedResult:
         if len(parts) == 1:
             return parts[0]
+        dims = sorted({p.embeddings.shape[1] for p in parts})
+        if len(dims) > 1:
+            raise BadAnswer(f"answers of dimensions {dims} to one call")
         norms = None if parts[0].norms is None else np.concatenate([p.norms for p in parts])
         return EmbedResult(np.concatenate([p.embeddings for p in parts]), norms, parts[0].contract)
 
@@ -258,7 +314,7 @@ class EmbeddingClient(_Closing, _Protocol):
         for part in _chunks(len(crops), self._limit()):
             headers, body = self._crops_request(crops[part])
             resp = self._send("POST", self.embed_path, headers, **body)
-            parts.append(self._result(resp.headers, resp.content))
+            parts.append(self._result(resp.headers, resp.content, len(crops[part])))
         return self._join(parts)
 
     def embed_images(self, images: list[bytes], landmarks: list | None = None,
@@ -270,7 +326,7 @@ class EmbeddingClient(_Closing, _Protocol):
             marks = None if landmarks is None else landmarks[part]
             body = self._images_request(images[part], marks, transport)
             resp = self._send("POST", self.embed_path, self._answer_headers(), **body)
-            parts.append(self._result(resp.headers, resp.content))
+            parts.append(self._result(resp.headers, resp.content, len(images[part])))
         return self._join(parts)
 
     def compare(self, a: dict[str, Any], b: dict[str, Any], threshold: float | None = None) -> dict[str, Any]:
@@ -352,7 +408,8 @@ class AsyncEmbeddingClient(_Protocol):
         parts = []
         for part in _chunks(len(crops), await self._limit()):
             headers, body = self._crops_request(crops[part])
-            parts.append(self._result(*(await self._send("POST", self.embed_path, headers, **body))))
+            parts.append(self._result(*(await self._send("POST", self.embed_path, headers, **body)),
+                                      len(crops[part])))
         return self._join(parts)
 
     async def embed_images(self, images: list[bytes], landmarks: list | None = None,
@@ -370,8 +427,8 @@ class AsyncEmbeddingClient(_Protocol):
                 for name, value in body["data"].items():
                     form.add_field(name, value)
                 body = {"data": form}
-            parts.append(self._result(*(await self._send("POST", self.embed_path, self._answer_headers(),
-                                                         **body))))
+            answer = await self._send("POST", self.embed_path, self._answer_headers(), **body)
+            parts.append(self._result(*answer, len(images[part])))
         return self._join(parts)
 
 
@@ -451,7 +508,11 @@ class GrpcEmbeddingClient(_Closing):
         raise AssertionError("unreachable")
 
     def _result(self, reply, faces: int) -> EmbedResult:
-        embeddings, norms = decode_embed_response(reply, faces)
+        try:
+            embeddings, norms = decode_embed_response(reply, faces)
+        except ValueError as exc:
+            raise BadAnswer(str(exc)) from None
+        embeddings, norms = checked_answer(embeddings, norms, faces)
         return EmbedResult(embeddings, norms, self._contract._check(reply.contract))
 
     def embed(self, crops: np.ndarray) -> EmbedResult:
