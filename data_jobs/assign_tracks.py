@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -174,8 +175,8 @@ def run_assign(spec: AssignSpec) -> dict[str, Any]:
     if not gallery_uri:
         raise ConfigError("no gallery: give --gallery PATH|s3://... or set identity.gallery in the config")
     fps = spec.fps if spec.fps is not None else ident.fps
-    if not fps > 0:
-        raise ConfigError(f"--fps must be > 0, got {fps}")
+    if not (fps > 0 and math.isfinite(fps)):  # inf would put every track at 0 s on screen
+        raise ConfigError(f"--fps must be a finite number > 0, got {fps}")
     policy = AssignPolicy(ident.threshold if spec.threshold is None else spec.threshold,
                           ident.cluster_distance if spec.cluster_distance is None else spec.cluster_distance,
                           spec.across)

@@ -133,6 +133,6 @@ def test_the_command_line_resumes_and_refuses_bad_input_with_exit_2(embedded, tm
     assert (report["assigned"], report["skipped"], report["tracks"]) == (0, 2, 18)
     table = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert table.returncode == 0 and "seconds" in table.stdout and "unknown-ep000-0" in table.stdout
-    for bad in (["--embeddings", str(tmp_path)], ["--fps", "0"], ["--threshold", "3"]):
+    for bad in (["--embeddings", str(tmp_path)], ["--fps", "0"], ["--fps", "inf"], ["--threshold", "3"]):
         proc = run_main(cli_main, [*args[3:], *bad])  # refused before any work: in this process
         assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-2000:])
