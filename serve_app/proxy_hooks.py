@@ -138,6 +138,7 @@ class LoadShedding(HttpMiddleware):
                              extra={"x-arcface-shed": "proxy"})
             return
         status = None
+        client_left = False
 
         async def watching_send(message) -> None:
             nonlocal status
@@ -145,10 +146,20 @@ class LoadShedding(HttpMiddleware):
                 status = int(message["status"])
             await send(message)
 
+        async def watching_receive():
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                client_left = True
+            return message
+
         try:
-            await self.app(scope, receive, watching_send)
+            await self.app(scope, watching_receive, watching_send)
         finally:
-            if status is not None:
+            # a request its client abandoned says nothing about capacity: counted, whatever the
+            # answer nobody reads (a 503 once its replica call is cut), anyone could make the
+            # proxy refuse other clients by opening and dropping requests
+            if status is not None and not client_left:
                 self.throttle.record(route, status)
 
 

@@ -199,3 +199,38 @@ def test_the_proxy_sheds_in_our_shape_once_replicas_refuse():
             assert headers["retry-after"] == "1"
             shed_headers.append(headers)
     assert len(shed_headers) >= 45  # after the first refusals, nearly all are shed here
+
+
+def test_requests_their_clients_abandon_do_not_make_the_proxy_shed():
+    """Issue 30: 80 requests that send part of a body and close must leave the next good ones
+    served; the answer to an abandoned request (a 503 once its replica call is cut) is not a
+    refusal for capacity."""
+    async def replica(scope, receive, send):
+        message = await receive()
+        status = 503 if message["type"] == "http.disconnect" else 200
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    throttle = AdaptiveThrottle(k=2.0, window_s=60.0, rand=lambda: 0.0)
+    middleware = LoadShedding(replica, throttle)
+    scope = {"type": "http", "method": "POST", "path": "/v1/embed", "headers": []}
+
+    def call(first_message: dict) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return first_message
+
+        asyncio.run(middleware(scope, receive, send))
+        return _response(sent)[0]
+
+    good = {"type": "http.request", "body": b"x", "more_body": False}
+    assert call(good) == 200  # the route is tracked from its first 200
+    for _ in range(80):
+        call({"type": "http.disconnect"})
+    assert throttle.shed_probability("/v1/embed") == 0.0
+    assert [call(good) for _ in range(30)] == [200] * 30
