@@ -59,6 +59,16 @@ class LocalTree:
     aliases: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()``, False where the entry cannot be resolved (a symbolic-link loop raises
+    ELOOP): such an entry is indexed as a file, and reading it makes one error row, not a refused
+    job."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def walk_local(root: str, depth: int) -> LocalTree:
     """Walk ``root`` breadth-first in name order, descending ``depth - 1`` directory levels,
     following symbolic links to directories once each (``aliases`` lists the rest)."""
@@ -76,7 +86,7 @@ def walk_local(root: str, depth: int) -> LocalTree:
                 raise InputRefused("unreadable", f"cannot list {where}: {exc.strerror}") from None
             for entry in children:
                 rel = (*parts, entry.name)
-                if not entry.is_dir():  # follows links; False for broken links and special files
+                if not _is_dir(entry):  # follows links; False for broken links and special files
                     if d == depth:
                         tree.entries.append((rel, entry.path))
                     else:

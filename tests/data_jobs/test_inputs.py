@@ -287,5 +287,6 @@ def test_special_files_and_broken_links_are_indexed_for_the_errors_table(tmp_pat
     os.mkfifo(track / "00001.jpg")
     (track / "00002.jpg").symlink_to(track / "gone.jpg")
     (track / "00003.jpg").symlink_to("/dev/null")
+    (track / "00004.jpg").symlink_to(track / "00004.jpg")  # a link loop: one frame, not the whole job
     index = discover(locate(str(root)))
-    assert index.table["frame"].to_pylist() == ["00000", "00001", "00002", "00003"]
+    assert index.table["frame"].to_pylist() == ["00000", "00001", "00002", "00003", "00004"]
