@@ -98,6 +98,42 @@ def _episode_templates(loc: Location, episode: str) -> pa.Table:
     return _read_partition(loc, "templates", episode, TEMPLATE_COLUMNS)
 
 
+UNIT_TOLERANCE = 1e-3  # the job writes templates L2-normalised (float32: within 1e-6)
+
+
+def check_templates(table: pa.Table, episode: str, dim: int, contract: str) -> None:
+    """Refuse, naming the episode and the column, a templates table the job could not have
+    written: before any work, so a damaged output is one clear error, not a traceback from a
+    Ray task or (scaled, foreign) vectors matched at a "cosine" far outside [-1, 1]."""
+    where = f"templates of episode {episode}"
+    missing = [c for c in ("track_id", "template") if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"{where}: no column {missing[0]!r} (columns {table.column_names})")
+    column = table["template"]
+    if not (pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type)) or \
+            not pa.types.is_floating(column.type.value_type):
+        raise ConfigError(f"{where}: column 'template' is {column.type}, not a list of floats")
+    if "contract" in table.column_names:
+        foreign = {c for c in table["contract"].to_pylist() if c is not None} - {contract}
+        if foreign:
+            raise ConfigError(f"{where}: column 'contract' holds {sorted(foreign)}, but the episode was "
+                              f"committed as {contract}: vectors of different models are not comparable")
+    valid = column.combine_chunks().drop_null() if table.num_rows else None
+    if valid is None or len(valid) == 0:
+        return
+    lengths = pc.list_value_length(valid).to_numpy(zero_copy_only=False)
+    if (lengths != dim).any():
+        raise ConfigError(f"{where}: column 'template' holds vectors of {sorted(set(lengths.tolist()))} "
+                          f"values; the contract's dimension is {dim}")
+    vectors = valid.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(valid), dim)
+    if not np.isfinite(vectors).all():
+        raise ConfigError(f"{where}: column 'template' holds NaN or infinite values")
+    off = float(np.abs(np.linalg.norm(vectors, axis=1) - 1.0).max())
+    if off > UNIT_TOLERANCE:
+        raise ConfigError(f"{where}: column 'template' holds vectors that are not unit length (one is "
+                          f"{off:.3g} off 1), which the job never writes")
+
+
 def _settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -154,7 +190,12 @@ def _open_gallery(uri: str, contract: str, cfg) -> tuple[Gallery, int]:
 
 
 def _contract(src: Location, episodes: list[str], uri: str) -> str:
-    contracts = {read_success(src, ep).get("contract") for ep in episodes}
+    by_episode = {ep: (read_success(src, ep) or {}).get("contract") for ep in episodes}
+    unnamed = [ep for ep, c in by_episode.items() if not isinstance(c, str) or not c]
+    if unnamed:
+        raise ConfigError(f"{uri}: the _SUCCESS of episode {unnamed[0]} names no embedding contract (or is "
+                          "not the JSON the job writes): its vectors' model is unknown")
+    contracts = set(by_episode.values())
     if len(contracts) != 1:
         raise ConfigError(f"{uri} holds episodes of several embedding contracts "
                           f"{sorted(map(str, contracts))}: assign each model's output separately")
@@ -188,7 +229,16 @@ def run_assign(spec: AssignSpec) -> dict[str, Any]:
     if not episodes:
         raise ConfigError(f"{spec.embeddings}: no committed episode (run arcface embed-episodes first)")
     contract = _contract(src, episodes, spec.embeddings)
-    gallery, _ = _open_gallery(gallery_uri, contract, cfg)
+    gallery, dim = _open_gallery(gallery_uri, contract, cfg)
+    for episode in episodes:  # every input checked before any work
+        rows = (read_success(src, episode) or {}).get("rows", 0)
+        templates = partition(src, "templates", episode)
+        if exists(templates) and list_files(templates, recursive=False):
+            check_templates(_read_partition(src, "templates", episode, [*TEMPLATE_COLUMNS, "contract"]),
+                            episode, dim, contract)
+        elif not isinstance(rows, int) or rows > 0:  # no good row, no template: the only such case
+            raise ConfigError(f"{spec.embeddings}: episode {episode} is committed with {rows} rows but its "
+                              "templates file is missing: re-run embed-episodes into a new output")
     output = spec.output or src.join("assignments").uri
     out = locate(output, **storage)
     settings = {"gallery": gallery_uri, "gallery_version": gallery.version, "contract": contract,

@@ -136,3 +136,78 @@ def test_the_command_line_resumes_and_refuses_bad_input_with_exit_2(embedded, tm
     for bad in (["--embeddings", str(tmp_path)], ["--fps", "0"], ["--fps", "inf"], ["--threshold", "3"]):
         proc = run_main(cli_main, [*args[3:], *bad])  # refused before any work: in this process
         assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-2000:])
+
+
+def _damaged(out: str, tmp_path, name: str, damage) -> str:
+    """A copy of the job's output with ``damage(root)`` done to it."""
+    import shutil
+    from pathlib import Path
+
+    copy = Path(tmp_path) / name
+    shutil.copytree(out, copy)
+    damage(copy)
+    return str(copy)
+
+
+def _rewrite_templates(column_fn):
+    def damage(root) -> None:
+        import pyarrow as pa
+
+        path = root / "templates" / "episode_id=ep000" / "part-0.parquet"
+        table = pq.read_table(path)
+        i = table.column_names.index("template")
+        pq.write_table(table.set_column(i, "template", column_fn(table["template"], pa)), path)
+    return damage
+
+
+def _scaled(column, pa):
+    return pa.array([[v * 1000 for v in t] if t else t for t in column.to_pylist()], pa.list_(pa.float32()))
+
+
+def _nan(column, pa):
+    rows = column.to_pylist()
+    rows[0] = [float("nan")] * len(rows[0])
+    return pa.array(rows, pa.list_(pa.float32()))
+
+
+def _short(column, pa):
+    return pa.array([t[:128] if t else t for t in column.to_pylist()], pa.list_(pa.float32()))
+
+
+def _foreign_contract(root) -> None:
+    import pyarrow as pa
+
+    path = root / "templates" / "episode_id=ep000" / "part-0.parquet"
+    table = pq.read_table(path)
+    i = table.column_names.index("contract")
+    pq.write_table(table.set_column(i, "contract", pa.array(["arcemb-v1-other"] * table.num_rows)), path)
+
+
+def _no_templates_file(root) -> None:
+    (root / "templates" / "episode_id=ep001" / "part-0.parquet").unlink()
+
+
+def _success_without_contract(root) -> None:
+    path = root / "embeddings" / "episode_id=ep000" / "_SUCCESS"
+    manifest = json.loads(path.read_text())
+    del manifest["contract"]
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (_rewrite_templates(_scaled), "not unit length"),
+    (_rewrite_templates(_nan), "NaN or infinite"),
+    (_rewrite_templates(_short), "[128] values; the contract's dimension is 512"),
+    (_foreign_contract, "arcemb-v1-other"),
+    (_no_templates_file, "episode ep001 is committed with"),
+    (_success_without_contract, "episode ep000 names no embedding contract"),
+], ids=["scaled x1000", "NaN", "dimension 128", "foreign contract", "no templates file", "no contract"])
+def test_a_damaged_embeddings_output_is_refused_before_any_work_naming_the_episode(embedded, tmp_path,
+                                                                                   damage, says):
+    _, out, gallery = embedded
+    damaged = _damaged(out, tmp_path, "damaged", damage)
+    with pytest.raises(ConfigError) as info:
+        run_assign(AssignSpec(damaged, gallery, threshold=THRESHOLD, fps=FPS,
+                              output=str(tmp_path / "assigned")))
+    assert says in str(info.value), str(info.value)
+    assert not (tmp_path / "assigned").exists()  # nothing written
