@@ -157,7 +157,8 @@ class _Protocol:
 
     def __init__(self, url: str, token: str | None = None, expected_contract: str | None = None,
                  transport: Transport = "npy", accept: Accept = "base64", timeout_s: float = 120.0,
-                 retry: RetryPolicy | None = None, max_faces_per_request: int | None = None) -> None:
+                 retry: RetryPolicy | None = None, max_faces_per_request: int | None = None,
+                 max_answer_mb: float = 64.0) -> None:
         if transport not in ("npy", "json") or accept not in ("base64", "json", "npy"):
             raise ValueError(f"transport must be npy or json, accept base64, json or npy; got {transport}, "
                              f"{accept}")
@@ -167,6 +168,8 @@ class _Protocol:
         self.transport, self.accept, self.timeout_s = transport, accept, timeout_s
         self.retry = retry or RetryPolicy()
         self.max_faces = max_faces_per_request  # None: read from /v1/info on first use
+        # an answer (or error body) larger is refused unread: 256 faces as JSON lists are ~2 MB
+        self.max_answer_bytes = int(max_answer_mb * (1 << 20))
         self.last_timing: dict[str, float] = {}
 
     @property
@@ -250,6 +253,25 @@ class _Protocol:
         return EmbedResult(np.concatenate([p.embeddings for p in parts]), norms, parts[0].contract)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """An HTTP answer read whole, within the client's deadline and size bound."""
+
+    status_code: int
+    headers: Any
+    content: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.content)
+        except ValueError as exc:
+            raise BadAnswer(f"an answer that is not JSON ({exc})") from None
+
+
+def _too_large(size: int, limit: int) -> BadAnswer:
+    return BadAnswer(f"an answer of {size:,} bytes; at most {limit:,} are read (max_answer_mb)")
+
+
 class _Closing:
     """``with client:`` closes it (its session or channel)."""
 
@@ -280,20 +302,49 @@ class EmbeddingClient(_Closing, _Protocol):
 
         for attempt in range(self.retry.retries + 1):
             try:
-                resp = self._session.request(method, self.url + path, headers=headers or self.headers,
-                                             timeout=self.timeout_s, **kwargs)
+                resp = self._exchange(method, path, headers or self.headers, kwargs)
                 err = None if resp.status_code == 200 else _error(resp.status_code, resp.content,
                                                                   resp.headers.get("retry-after"))
             except requests.ConnectionError as exc:
                 resp, err = None, ServiceError(0, "connection", str(exc))
+            except requests.Timeout as exc:
+                resp, err = None, ServiceError(0, "timeout", str(exc))
             if err is None:
                 return resp
-            if err.status not in (0, 503) or attempt == self.retry.retries:
+            if err.reason == "timeout" or err.status not in (0, 503) or attempt == self.retry.retries:
                 raise err
             delay = self.retry.delay(attempt, err.retry_after_s)
             logger.info("%s %s: %s; retry %d in %.2f s", method, path, err.reason, attempt + 1, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _exchange(self, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]) -> _Answer:
+        """One request and its whole answer within ``timeout_s`` in total (``requests``' own
+        timeout bounds each read only, so a body trickled a byte at a time never ends) and at
+        most ``max_answer_bytes`` (refused before reading when the declared length is larger)."""
+        import requests
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        deadline = time.monotonic() + self.timeout_s
+        resp = self._session.request(method, self.url + path, headers=headers, timeout=self.timeout_s,
+                                     stream=True, **kwargs)
+        with resp:
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_answer_bytes:
+                raise _too_large(int(declared), self.max_answer_bytes)
+            chunks, total, late = [], 0, False
+            try:
+                while not late and (chunk := resp.raw.read1(1 << 16, decode_content=True)):
+                    total += len(chunk)
+                    if total > self.max_answer_bytes:
+                        raise _too_large(total, self.max_answer_bytes)
+                    chunks.append(chunk)
+                    late = time.monotonic() > deadline
+            except (Urllib3Error, OSError) as exc:
+                raise requests.ConnectionError(f"the answer was cut: {exc}") from None
+        if late:
+            raise requests.Timeout(f"no whole answer within timeout_s={self.timeout_s:g} s")
+        return _Answer(resp.status_code, resp.headers, b"".join(chunks))
 
     def info(self) -> dict[str, Any]:
         return self._send("GET", "/v1/info").json()
@@ -379,24 +430,34 @@ class AsyncEmbeddingClient(_Protocol):
             try:
                 async with self._http().request(method, self.url + path, headers=headers or self.headers,
                                                 **kwargs) as resp:
-                    body = await resp.read()
+                    if (resp.content_length or 0) > self.max_answer_bytes:
+                        raise _too_large(resp.content_length, self.max_answer_bytes)
+                    chunks, total = [], 0
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        total += len(chunk)
+                        if total > self.max_answer_bytes:
+                            raise _too_large(total, self.max_answer_bytes)
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
                     err = None if resp.status == 200 else _error(resp.status, body,
                                                                  resp.headers.get("retry-after"))
                     resp_headers = resp.headers
             except aiohttp.ClientConnectionError as exc:
                 err = ServiceError(0, "connection", str(exc))
+            except TimeoutError:  # the session's total timeout: the whole exchange, not one read
+                err = ServiceError(0, "timeout", f"no whole answer within timeout_s={self.timeout_s:g} s")
             if err is None:
                 return resp_headers, body
-            if err.status not in (0, 503) or attempt == self.retry.retries:
+            if err.reason == "timeout" or err.status not in (0, 503) or attempt == self.retry.retries:
                 raise err
             await asyncio.sleep(self.retry.delay(attempt, err.retry_after_s))
         raise AssertionError("unreachable")
 
     async def info(self) -> dict[str, Any]:
-        return json.loads((await self._send("GET", "/v1/info"))[1])
+        return _Answer(200, {}, (await self._send("GET", "/v1/info"))[1]).json()
 
     async def health(self) -> dict[str, Any]:
-        return json.loads((await self._send("GET", "/healthz"))[1])
+        return _Answer(200, {}, (await self._send("GET", "/healthz"))[1]).json()
 
     async def _limit(self) -> int:
         if self.max_faces is None:
