@@ -239,6 +239,11 @@ def run_assign(spec: AssignSpec) -> dict[str, Any]:
         elif not isinstance(rows, int) or rows > 0:  # no good row, no template: the only such case
             raise ConfigError(f"{spec.embeddings}: episode {episode} is committed with {rows} rows but its "
                               "templates file is missing: re-run embed-episodes into a new output")
+        frames = _read_partition(src, "embeddings", episode, ["track_id", "frame", "timestamp"])
+        try:  # each row's instant (frame ids or timestamps), checked with no assignment to count
+            screen_time(frames, IDENTITY_SCHEMA.empty_table(), fps)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"embeddings of episode {episode}: {exc}") from None
     output = spec.output or src.join("assignments").uri
     out = locate(output, **storage)
     settings = {"gallery": gallery_uri, "gallery_version": gallery.version, "contract": contract,

@@ -187,6 +187,15 @@ def _no_templates_file(root) -> None:
     (root / "templates" / "episode_id=ep001" / "part-0.parquet").unlink()
 
 
+def _frames_not_numbers(root) -> None:
+    import pyarrow as pa
+
+    path = root / "embeddings" / "episode_id=ep001" / "part-0.parquet"
+    table = pq.read_table(path)
+    i = table.column_names.index("frame")
+    pq.write_table(table.set_column(i, "frame", pa.array(["frame-x"] * table.num_rows)), path)
+
+
 def _success_without_contract(root) -> None:
     path = root / "embeddings" / "episode_id=ep000" / "_SUCCESS"
     manifest = json.loads(path.read_text())
@@ -201,7 +210,9 @@ def _success_without_contract(root) -> None:
     (_foreign_contract, "arcemb-v1-other"),
     (_no_templates_file, "episode ep001 is committed with"),
     (_success_without_contract, "episode ep000 names no embedding contract"),
-], ids=["scaled x1000", "NaN", "dimension 128", "foreign contract", "no templates file", "no contract"])
+    (_frames_not_numbers, "embeddings of episode ep001: screen time needs a timestamp column or integer"),
+], ids=["scaled x1000", "NaN", "dimension 128", "foreign contract", "no templates file", "no contract",
+        "frame ids not numbers"])
 def test_a_damaged_embeddings_output_is_refused_before_any_work_naming_the_episode(embedded, tmp_path,
                                                                                    damage, says):
     _, out, gallery = embedded
