@@ -59,11 +59,15 @@ class EmbedActor:
         return Path(log_dir) / f"actor-{os.getpid()}.jsonl"
 
     def _log_placement(self, uids: np.ndarray) -> None:
-        """One JSON line per batch naming this actor's Ray node and engine: which nodes of a
-        cluster embedded which rows (``episodes.placement_log_dir``)."""
+        """One JSON line per batch naming this actor's Ray node, the resources Ray reserved for it
+        there (``accelerator_type:A10G``, ``GPU``: the node's kind, known even after an
+        autoscaler has removed the node) and its engine: which nodes of a cluster embedded which
+        rows (``episodes.placement_log_dir``)."""
         import ray
 
-        line = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        context = ray.get_runtime_context()
+        line = {"node_id": context.get_node_id(), "pid": os.getpid(),
+                "resources": context.get_assigned_resources(),
                 "backend": self.meta["backend"], "device": self.engine.info.device,
                 "uids": [str(u) for u in uids]}
         with self._placement.open("a") as fh:
