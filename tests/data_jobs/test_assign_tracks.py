@@ -149,14 +149,15 @@ def _damaged(out: str, tmp_path, name: str, damage) -> str:
     return str(copy)
 
 
-def _rewrite_templates(column_fn):
+def _rewritten(table: str, episode: str, column: str, values):
+    """A damage: ``column`` of ``table``'s part of ``episode`` replaced by ``values(old, pa)``."""
     def damage(root) -> None:
         import pyarrow as pa
 
-        path = root / "templates" / "episode_id=ep000" / "part-0.parquet"
-        table = pq.read_table(path)
-        i = table.column_names.index("template")
-        pq.write_table(table.set_column(i, "template", column_fn(table["template"], pa)), path)
+        path = root / table / f"episode_id={episode}" / "part-0.parquet"
+        data = pq.read_table(path)
+        i = data.column_names.index(column)
+        pq.write_table(data.set_column(i, column, values(data[column], pa)), path)
     return damage
 
 
@@ -174,26 +175,8 @@ def _short(column, pa):
     return pa.array([t[:128] if t else t for t in column.to_pylist()], pa.list_(pa.float32()))
 
 
-def _foreign_contract(root) -> None:
-    import pyarrow as pa
-
-    path = root / "templates" / "episode_id=ep000" / "part-0.parquet"
-    table = pq.read_table(path)
-    i = table.column_names.index("contract")
-    pq.write_table(table.set_column(i, "contract", pa.array(["arcemb-v1-other"] * table.num_rows)), path)
-
-
 def _no_templates_file(root) -> None:
     (root / "templates" / "episode_id=ep001" / "part-0.parquet").unlink()
-
-
-def _frames_not_numbers(root) -> None:
-    import pyarrow as pa
-
-    path = root / "embeddings" / "episode_id=ep001" / "part-0.parquet"
-    table = pq.read_table(path)
-    i = table.column_names.index("frame")
-    pq.write_table(table.set_column(i, "frame", pa.array(["frame-x"] * table.num_rows)), path)
 
 
 def _success_without_contract(root) -> None:
@@ -204,13 +187,15 @@ def _success_without_contract(root) -> None:
 
 
 @pytest.mark.parametrize(("damage", "says"), [
-    (_rewrite_templates(_scaled), "not unit length"),
-    (_rewrite_templates(_nan), "NaN or infinite"),
-    (_rewrite_templates(_short), "[128] values; the contract's dimension is 512"),
-    (_foreign_contract, "arcemb-v1-other"),
+    (_rewritten("templates", "ep000", "template", _scaled), "not unit length"),
+    (_rewritten("templates", "ep000", "template", _nan), "NaN or infinite"),
+    (_rewritten("templates", "ep000", "template", _short), "[128] values; the contract's dimension is 512"),
+    (_rewritten("templates", "ep000", "contract", lambda old, pa: pa.array(["arcemb-v1-other"] * len(old))),
+     "arcemb-v1-other"),
     (_no_templates_file, "episode ep001 is committed with"),
     (_success_without_contract, "episode ep000 names no embedding contract"),
-    (_frames_not_numbers, "embeddings of episode ep001: screen time needs a timestamp column or integer"),
+    (_rewritten("embeddings", "ep001", "frame", lambda old, pa: pa.array(["frame-x"] * len(old))),
+     "embeddings of episode ep001: screen time needs a timestamp column or integer"),
 ], ids=["scaled x1000", "NaN", "dimension 128", "foreign contract", "no templates file", "no contract",
         "frame ids not numbers"])
 def test_a_damaged_embeddings_output_is_refused_before_any_work_naming_the_episode(embedded, tmp_path,
