@@ -189,8 +189,8 @@ def _open_gallery(uri: str, contract: str, cfg) -> tuple[Gallery, int]:
     return gallery, dim
 
 
-def _contract(src: Location, episodes: list[str], uri: str) -> str:
-    by_episode = {ep: (read_success(src, ep) or {}).get("contract") for ep in episodes}
+def _contract(manifests: dict[str, dict[str, Any]], uri: str) -> str:
+    by_episode = {ep: manifest.get("contract") for ep, manifest in manifests.items()}
     unnamed = [ep for ep, c in by_episode.items() if not isinstance(c, str) or not c]
     if unnamed:
         raise ConfigError(f"{uri}: the _SUCCESS of episode {unnamed[0]} names no embedding contract (or is "
@@ -228,10 +228,11 @@ def run_assign(spec: AssignSpec) -> dict[str, Any]:
     episodes = committed_episodes(src)
     if not episodes:
         raise ConfigError(f"{spec.embeddings}: no committed episode (run arcface embed-episodes first)")
-    contract = _contract(src, episodes, spec.embeddings)
+    manifests = {ep: read_success(src, ep) or {} for ep in episodes}  # each _SUCCESS read once
+    contract = _contract(manifests, spec.embeddings)
     gallery, dim = _open_gallery(gallery_uri, contract, cfg)
     for episode in episodes:  # every input checked before any work
-        rows = (read_success(src, episode) or {}).get("rows", 0)
+        rows = manifests[episode].get("rows", 0)
         templates = partition(src, "templates", episode)
         if exists(templates) and list_files(templates, recursive=False):
             check_templates(_read_partition(src, "templates", episode, [*TEMPLATE_COLUMNS, "contract"]),

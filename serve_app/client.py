@@ -198,9 +198,8 @@ class _Protocol:
         return EmbedResult(embeddings, norms, result.contract)
 
     def _parse(self, headers, body: bytes) -> EmbedResult:
-        timing = {k: v for k, v in headers.items() if k.lower().startswith("x-") and
-                  k.lower().endswith(("-time", "-faces"))}
-        self.last_timing = {k: float(v) for k, v in timing.items()}
+        self.last_timing = {k: float(v) for k, v in headers.items() if k.lower().startswith("x-") and
+                            k.lower().endswith(("-time", "-faces"))}
         if (headers.get("content-type") or "").startswith(NPY):
             embeddings = np.load(io.BytesIO(body), allow_pickle=False)
             packed = headers.get("x-arcface-norms")
