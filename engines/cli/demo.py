@@ -169,11 +169,12 @@ def run(args: argparse.Namespace) -> int:
 
     verbose = bool(getattr(args, "verbose", False))
     forwarded = workdir / "ray-forwarded.log"
-    if not verbose and demo_steps():
+    steps = demo_steps()
+    if not verbose and steps:
         print(f"\n(Ray's own logs go to {RAY_LOGS}, and the lines Ray forwards from its processes to "
               f"{forwarded}; `arcface demo --verbose` shows them here too)")
     with contextlib.nullcontext() if verbose else _ray_lines_to(forwarded):
-        for step in demo_steps():
+        for step in steps:
             if getattr(args, f"skip_{step.name}", False):
                 continue
             result = step.run(cfg, model, workdir, verbose=verbose)
